@@ -1,0 +1,159 @@
+"""One frozen decoding configuration, validated once at construction."""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Literal, get_args
+
+Host = Literal["llada", "dream"]
+Remasking = Literal["low_confidence", "random"]
+DreamAlg = Literal["origin", "maskgit_plus", "topk_margin", "entropy"]
+Rule = Literal["full", "prophet", "gap_parallel", "confidence_threshold"]
+Region = Literal["anchor", "window", "block"]
+Statistic = Literal["mean", "min", "quantile"]
+
+# Prophet thresholds (tau_high, tau_mid, tau_low) in logit units, applied over the first,
+# middle and last third of the step budget. "default" is the project's; the others are the
+# paper's own table.
+PRESETS: dict[str, tuple[float, float, float]] = {
+    "default": (8.0, 5.0, 3.0),
+    "paper": (7.5, 5.0, 2.5),
+    "paper_gsm8k": (8.0, 5.0, 3.5),
+    "paper_code": (7.5, 5.0, 4.5),
+}
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field and the fix."""
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """How to decode: host schedule, sampling, commit rule and batching."""
+
+    host: Host = "llada"              # whose step schedule to run (LLaDA blocks or Dream eps)
+    gen_length: int = 64              # generated positions after the prompt
+    steps: int = 64                   # step budget (forward passes) for the whole window
+    block_length: int | None = None   # LLaDA semi-AR block; None = one block of gen_length
+    temperature: float = 0.0          # 0 = argmax; > 0 = float64 Gumbel-max (LLaDA) / sampling (Dream)
+    # LLaDA host
+    remasking: Remasking = "low_confidence"
+    cfg_scale: float = 0.0            # classifier-free guidance; 0 = off
+    logits_eos_inf: bool = False      # forbid EOS by setting its logit to -inf
+    confidence_eos_eot_inf: bool = False  # EOS/EoT get zero confidence (committed last)
+    # Dream host
+    alg: DreamAlg = "maskgit_plus"
+    alg_temp: float = 0.0             # > 0 samples the k positions instead of taking the top k
+    top_p: float | None = None
+    top_k: int | None = None
+    eps: float = 1e-3                 # Dream's schedule floor: ts = linspace(1, eps, steps + 1)
+    # Commit rule
+    rule: Rule = "full"
+    thresholds: tuple[float, float, float] = PRESETS["default"]
+    region: Region = "window"         # anchor window, still-masked positions of the window, or of the block
+    statistic: Statistic = "mean"     # how per-position gaps pool into one number
+    quantile: float = 0.1             # used when statistic == "quantile"
+    anchor_ids: tuple[int, ...] = ()  # answer-anchor tokens written into the canvas (region "anchor")
+    anchor_offset: int | None = None  # window position of the anchor; None = as late as fits
+    answer_window: int = 5            # monitored positions after the anchor
+    confidence: float = 0.9           # confidence_threshold rule: commit where p > confidence
+    # Batching
+    batch_size: int = 32              # slots in the forward pass
+    continuous: bool = True           # refill freed slots; False leaves finished rows frozen in the batch
+
+    def __post_init__(self) -> None:
+        _check_literals(self)
+        _positive(self, "gen_length", "steps", "batch_size", "answer_window")
+        if self.steps > self.gen_length:
+            raise ConfigError(f"steps={self.steps} exceeds gen_length={self.gen_length}: "
+                              "a step commits at least one token; lower steps")
+        if self.block_length is not None:
+            _positive(self, "block_length")
+            if self.gen_length % self.block_length:
+                raise ConfigError(f"gen_length={self.gen_length} is not a multiple of block_length="
+                                  f"{self.block_length}: choose a block_length that divides gen_length")
+            if self.steps % (self.gen_length // self.block_length):
+                nb = self.gen_length // self.block_length
+                raise ConfigError(f"steps={self.steps} is not a multiple of the number of blocks ({nb} = "
+                                  "gen_length / block_length): choose steps divisible by it")
+        if self.host == "dream" and self.block_length not in (None, self.gen_length):
+            raise ConfigError("block_length applies to host 'llada' only: leave it unset for host 'dream'")
+        th = tuple(float(t) for t in self.thresholds)
+        if len(th) != 3 or not all(math.isfinite(t) for t in th):
+            raise ConfigError(f"thresholds={self.thresholds!r}: give three finite numbers (high, mid, low)")
+        if not th[0] >= th[1] >= th[2]:
+            raise ConfigError(f"thresholds={th} must be non-increasing (high >= mid >= low): reorder them")
+        object.__setattr__(self, "thresholds", th)
+        object.__setattr__(self, "anchor_ids", tuple(int(t) for t in self.anchor_ids))
+        if self.temperature < 0 or self.alg_temp < 0 or self.cfg_scale < 0:
+            raise ConfigError("temperature, alg_temp and cfg_scale must be >= 0")
+        if not 0.0 < self.eps < 1.0:
+            raise ConfigError(f"eps={self.eps} must lie in (0, 1)")
+        if not 0.0 <= self.quantile <= 1.0:
+            raise ConfigError(f"quantile={self.quantile} must lie in [0, 1]")
+        if not 0.0 < self.confidence < 1.0:
+            raise ConfigError(f"confidence={self.confidence} must lie in (0, 1)")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"top_p={self.top_p} must lie in (0, 1]")
+        if self.top_k is not None and self.top_k < 1:
+            raise ConfigError(f"top_k={self.top_k} must be >= 1")
+        if self.region == "anchor":
+            if not self.anchor_ids:
+                raise ConfigError("region='anchor' needs anchor_ids (the anchor text's token ids); "
+                                  "or choose region 'window' or 'block'")
+            need = len(self.anchor_ids) + 1 + self.answer_window  # anchor, one gap slot, window
+            start = self.anchor_start
+            if start < 0 or start + need > self.gen_length:
+                raise ConfigError(f"anchor of {len(self.anchor_ids)} tokens at offset {start} with answer_window="
+                                  f"{self.answer_window} does not fit in gen_length={self.gen_length}: "
+                                  "shorten the anchor, lower answer_window/anchor_offset or raise gen_length")
+
+    @property
+    def num_blocks(self) -> int:
+        """LLaDA blocks in the window (1 for Dream)."""
+        return self.gen_length // (self.block_length or self.gen_length)
+
+    @property
+    def anchor_start(self) -> int:
+        """Window position where the anchor tokens go."""
+        if self.anchor_offset is not None:
+            return self.anchor_offset
+        return self.gen_length - len(self.anchor_ids) - 1 - self.answer_window
+
+    def with_calibration(self, path: str | Path) -> "DecodeConfig":
+        """This config with the rule, thresholds, region and statistic of a calibration file."""
+        data = json.loads(Path(path).read_text())
+        allowed = {"rule", "thresholds", "region", "statistic", "quantile", "confidence"}
+        unknown = set(data.get("decode", {})) - allowed
+        if "decode" not in data or unknown:
+            raise ConfigError(f"{path}: a calibration file holds {{'decode': {{...}}}} with keys "
+                              f"{sorted(allowed)}; unknown: {sorted(unknown)}")
+        upd = dict(data["decode"])
+        if "thresholds" in upd:
+            upd["thresholds"] = tuple(upd["thresholds"])
+        return replace(self, **upd)
+
+    def to_dict(self) -> dict:
+        """Plain JSON-able dict (for manifests and hashes)."""
+        d = asdict(self)
+        d["thresholds"] = list(self.thresholds)
+        d["anchor_ids"] = list(self.anchor_ids)
+        return d
+
+
+def _check_literals(cfg: DecodeConfig) -> None:
+    hints = {"host": Host, "remasking": Remasking, "alg": DreamAlg, "rule": Rule,
+             "region": Region, "statistic": Statistic}
+    for name, lit in hints.items():
+        value, choices = getattr(cfg, name), get_args(lit)
+        if value not in choices:
+            raise ConfigError(f"{name}={value!r} is not one of {list(choices)}")
+
+
+def _positive(cfg: DecodeConfig, *names: str) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{name}={value!r} must be a positive integer")

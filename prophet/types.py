@@ -1,0 +1,72 @@
+"""The two shapes every part of the project agrees on: a model adapter and a decode result."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence, runtime_checkable
+
+import torch
+
+
+@runtime_checkable
+class DLM(Protocol):
+    """A masked diffusion LM behind its family adapter.
+
+    The adapter owns every model quirk: token ids, Dream's one-position logits shift, position
+    ids under left padding. The decode loop sees only this interface and holds no literal id.
+    """
+
+    family: str                 # "llada", "dream", "hf-mlm", or "scripted" in tests
+    default_host: str           # decode schedule that suits this family ("llada" or "dream")
+    mask_id: int
+    pad_id: int                 # must differ from mask_id
+    eos_id: int
+    eot_id: int | None          # end-of-turn token (LLaDA-Instruct), None where absent
+    max_length: int             # longest prompt + gen_length the model accepts
+    vocab_size: int
+    device: torch.device
+
+    def logits(self, ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """ids (B, L) int64, attention_mask (B, L) bool (False = left pad) -> (B, L, V) logits.
+
+        Aligned: logits[:, i] scores the token at position i (the Dream shift is applied here).
+        Position ids restart at 0 on each row's first real token, so a padded row equals the
+        same row unpadded.
+        """
+        ...
+
+
+@runtime_checkable
+class TextDLM(DLM, Protocol):
+    """A DLM with its tokenizer: what the pipeline and the jobs use."""
+
+    name: str
+
+    def encode(self, text: str) -> list[int]:
+        """Plain text -> token ids (no chat template)."""
+        ...
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Token ids -> text, stopping at nothing (the caller cuts at EOS)."""
+        ...
+
+    def render_chat(self, messages: Sequence[dict]) -> str:
+        """Chat messages -> prompt text through the tokenizer's own chat template."""
+        ...
+
+
+@dataclass
+class DecodeResult:
+    """Per-row outcome of one `decode` call, rows in input order."""
+
+    tokens: torch.Tensor           # (N, gen_length) int64, the generated window
+    steps_used: torch.Tensor       # (N,) int64 forward passes spent on the row (deciding step counted)
+    committed_early: torch.Tensor  # (N,) bool: an early-commit rule filled the window
+    commit_step: torch.Tensor      # (N,) int64, 1-based step at which it committed; -1 where none
+    commit_gap: torch.Tensor       # (N,) float32, the pooled gap G at commit; nan where none
+    num_generated: torch.Tensor    # (N,) int64 tokens before the first EOS/EoT
+    nonfinite: torch.Tensor        # (N,) bool: the model returned NaN/inf logits for this row
+    decode_seconds: torch.Tensor   # (N,) float64 wall time from slot admission to finish
+    forward_rows: int              # rows x forward passes actually computed (the cost)
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
