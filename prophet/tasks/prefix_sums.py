@@ -1,0 +1,51 @@
+"""Running sums mod 10: each output digit is easy given the previous one, hard all at once."""
+from __future__ import annotations
+
+import itertools
+import random
+
+from prophet.tasks.base import Budget, Example, Split, Task
+
+PREFIX = "P:"
+SUFFIX = "="
+
+
+def running_sums(digits: str) -> str:
+    """'3517' -> '3896': the running sum mod 10 after each digit."""
+    return "".join(str(s % 10) for s in itertools.accumulate(int(d) for d in digits))
+
+
+class PrefixSums(Task):
+    """Prompt 'P:' + 6-10 digits + '=', answer the running sum mod 10 after each digit."""
+
+    name = "prefix_sums"
+    budget = Budget(gen_length=12, steps=12, block_length=None)  # 10 digits at most, then EOS
+    max_answer_len = 10
+
+    def __init__(self, min_len: int = 6, max_len: int = 10) -> None:
+        if not 1 <= min_len <= max_len <= self.max_answer_len:
+            raise ValueError(f"lengths must satisfy 1 <= min_len <= max_len <= {self.max_answer_len}")
+        self.min_len, self.max_len = min_len, max_len
+
+    def sample(self, rng: random.Random, split: Split = "train") -> Example:
+        """A random digit string whose prompt lies in `split` (rejection: splits are 80/10/10)."""
+        while True:
+            digits = "".join(rng.choice("0123456789") for _ in range(rng.randint(self.min_len, self.max_len)))
+            prompt = PREFIX + digits + SUFFIX
+            if self.split_of(prompt) == split:
+                return Example(prompt, running_sums(digits))
+
+    def digits(self, prompt: str) -> str:
+        """The input digits of a prompt; raises ValueError on a malformed one."""
+        body = prompt[len(PREFIX):-len(SUFFIX)] if prompt.startswith(PREFIX) and prompt.endswith(SUFFIX) else ""
+        if not body.isdigit() or not body.isascii():
+            raise ValueError(f"not a prefix_sums prompt: {prompt!r}")
+        return body
+
+    def score(self, prompt: str, completion: str) -> bool:
+        """Exactly the running sums, nothing more."""
+        return completion == running_sums(self.digits(prompt))
+
+    def split_key(self, prompt: str) -> str:
+        """The input digits."""
+        return self.digits(prompt)
