@@ -1,0 +1,16 @@
+"""Model families: native LLaDA and Dream (torch only), a generic transformers masked LM, and safe loading.
+
+    from prophet.models import load_model
+    model = load_model("checkpoints/tiny-llada")          # a prophet.types.TextDLM
+"""
+from prophet.models.adapter import NativeAdapter, shift_logits_right
+from prophet.models.dream import DreamConfig, DreamModel
+from prophet.models.errors import ModelLoadError
+from prophet.models.llada import LLaDAConfig, LLaDAModel
+from prophet.models.loading import load_model, save_model
+from prophet.models.tokenizer import CHAR_TOKEN_IDS, Tokenizer, char_tokenizer
+
+__all__ = [
+    "CHAR_TOKEN_IDS", "DreamConfig", "DreamModel", "LLaDAConfig", "LLaDAModel", "ModelLoadError",
+    "NativeAdapter", "Tokenizer", "char_tokenizer", "load_model", "save_model", "shift_logits_right",
+]

@@ -1,0 +1,64 @@
+"""The adapter that turns a native module and its tokenizer into a `prophet.types.TextDLM`."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from prophet.models.errors import ModelLoadError
+from prophet.models.tokenizer import Tokenizer
+
+
+def shift_logits_right(logits: torch.Tensor) -> torch.Tensor:
+    """Dream's alignment: (B, L, V) -> (B, L, V) where position j gets the logit of j-1 (0 kept)."""
+    return torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+
+
+class NativeAdapter:
+    """A LLaDA or Dream module behind the decoder's interface; owns ids, the shift and the template.
+
+    `.module` is called as `module(input_ids, attention_mask)`, so the pipeline may replace it by
+    a DeepSpeed inference engine wrapping the same module.
+    """
+
+    def __init__(self, module: nn.Module, tokenizer: Tokenizer, name: str | None = None) -> None:
+        c = module.config
+        self.module = module
+        self.tokenizer = tokenizer
+        self.family: str = c.family
+        self.default_host: str = c.default_host
+        self.shift: bool = c.shift_logits
+        self.name = name or c.family
+        self.mask_id, self.pad_id, self.eos_id = c.mask_token_id, c.pad_token_id, c.eos_token_id
+        self.eot_id: int | None = c.eot_token_id
+        self.max_length: int = c.max_length
+        self.vocab_size: int = c.logit_width
+        param = next(module.parameters())
+        self.device: torch.device = param.device
+        self.dtype: torch.dtype = param.dtype
+        if self.pad_id == self.mask_id:
+            raise ModelLoadError(f"config.json: pad_token_id equals mask_token_id ({self.mask_id}); "
+                                 "padding must be distinguishable from masks")
+
+    @torch.inference_mode()
+    def logits(self, ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """ids (B, L), attention_mask (B, L) bool -> aligned (B, L, V) logits in the weights' dtype."""
+        out = self.module(ids, attention_mask)
+        return shift_logits_right(out) if self.shift else out
+
+    def encode(self, text: str) -> list[int]:
+        """Plain text -> ids (no specials added, no template)."""
+        return self.tokenizer.encode(text)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Ids -> text, stopping at nothing."""
+        return self.tokenizer.decode(ids)
+
+    def render_chat(self, messages: Sequence[dict]) -> str:
+        """Chat messages -> prompt text through the tokenizer's template, generation prompt added."""
+        return self.tokenizer.render_chat(messages)
+
+    def __repr__(self) -> str:
+        return (f"NativeAdapter(name={self.name!r}, family={self.family!r}, device={self.device}, "
+                f"dtype={self.dtype}, vocab_size={self.vocab_size})")

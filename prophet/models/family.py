@@ -1,0 +1,53 @@
+"""What every native family config shares: reading and writing a Hugging Face style config.json."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, TypeVar
+
+from prophet.models.errors import ModelLoadError
+
+C = TypeVar("C", bound="FamilyConfig")
+
+
+class FamilyConfig:
+    """Mixin for the family config dataclasses; the class variables describe the family."""
+
+    family: ClassVar[str]                 # adapter family name ("llada", "dream")
+    model_type: ClassVar[str]             # config.json "model_type" written and recognised
+    architectures: ClassVar[tuple[str, ...]]  # config.json "architectures" written and recognised
+    default_host: ClassVar[str]           # decode schedule that suits the family
+    shift_logits: ClassVar[bool]          # logits at j-1 predict token j (Dream)
+    # config.json keys for features this implementation does not have, with the values that
+    # mean "feature off"; any other value is refused rather than silently computed wrong.
+    required_values: ClassVar[dict[str, tuple[Any, ...]]] = {}
+    # keys written to config.json for fidelity with the published files; never read back.
+    written_constants: ClassVar[dict[str, Any]] = {}
+
+    @classmethod
+    def matches(cls, raw: dict) -> bool:
+        """Whether a config.json dict names this family (by model_type or architectures)."""
+        if str(raw.get("model_type", "")).lower() == cls.model_type.lower():
+            return True
+        return any(a in cls.architectures for a in raw.get("architectures") or [])
+
+    @classmethod
+    def from_dict(cls: type[C], raw: dict) -> C:
+        """Build from a config.json dict: known fields are read, the rest ignored, nulls mean default."""
+        for key, allowed in cls.required_values.items():
+            if key in raw and raw[key] not in allowed:
+                raise ModelLoadError(f"config.json: {key}={raw[key]!r} is not supported by the native "
+                                     f"{cls.family} implementation (supported: {list(allowed)})")
+        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        return cls(**{k: v for k, v in raw.items() if k in names and v is not None})
+
+    def to_dict(self) -> dict:
+        """config.json dict in the published family's own keys."""
+        return {"model_type": self.model_type, "architectures": list(self.architectures),
+                **self.written_constants, **dataclasses.asdict(self)}  # type: ignore[call-overload]
+
+
+def check_heads(width: int, n_heads: int, n_kv_heads: int) -> None:
+    """Refuse head counts that do not divide the width (or the query heads, for KV heads)."""
+    if width % n_heads or n_heads % n_kv_heads:
+        raise ModelLoadError(f"config.json: width {width} must be divisible by heads {n_heads}, "
+                             f"and heads by kv heads {n_kv_heads}")

@@ -1,0 +1,115 @@
+"""LLaDA written natively in torch; parameter names match the published checkpoints (SPEC section 4)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from prophet.models.family import FamilyConfig, check_heads
+from prophet.models.layers import AttentionInputs, RMSNorm, attention_inputs, init_weights, self_attention, swiglu
+
+
+@dataclass
+class LLaDAConfig(FamilyConfig):
+    """LLaDA's config.json fields; the defaults are LLaDA-8B's."""
+
+    d_model: int = 4096                  # hidden width
+    n_heads: int = 32                    # query heads
+    n_kv_heads: int | None = None        # key/value heads; None = n_heads
+    n_layers: int = 32
+    mlp_hidden_size: int = 12288         # SwiGLU inner width
+    vocab_size: int = 126464             # tokenizer vocabulary
+    embedding_size: int | None = None    # rows of wte and the output head (logit width); None = vocab_size
+    rope_theta: float = 500000.0
+    rms_norm_eps: float = 1e-5
+    max_sequence_length: int = 4096      # longest prompt + generation
+    mask_token_id: int = 126336
+    eos_token_id: int = 126081
+    pad_token_id: int = 126081
+    eot_token_id: int | None = 126348    # <|eot_id|>, ends an Instruct turn
+    bos_token_id: int | None = 126080
+    init_std: float = 0.02               # normal init of fresh (untrained) weights
+
+    family: ClassVar[str] = "llada"
+    model_type: ClassVar[str] = "llada"
+    architectures: ClassVar[tuple[str, ...]] = ("LLaDAModelLM",)
+    default_host: ClassVar[str] = "llada"
+    shift_logits: ClassVar[bool] = False
+    required_values: ClassVar[dict] = {
+        "block_type": ("llama",), "weight_tying": (False,), "include_bias": (False,),
+        "include_qkv_bias": (False,), "alibi": (False,), "rope": (True,), "scale_logits": (False,),
+        "layer_norm_type": ("rms",), "activation_type": ("silu",), "attention_layer_norm": (False,),
+        "multi_query_attention": (None, False), "clip_qkv": (None,), "input_emb_norm": (False,),
+    }
+    written_constants: ClassVar[dict] = {
+        "block_type": "llama", "weight_tying": False, "include_bias": False, "include_qkv_bias": False,
+        "rope": True, "layer_norm_type": "rms", "activation_type": "silu", "use_cache": False,
+    }
+
+    def __post_init__(self) -> None:
+        self.n_kv_heads = self.n_kv_heads or self.n_heads
+        self.embedding_size = self.embedding_size or self.vocab_size
+        check_heads(self.d_model, self.n_heads, self.n_kv_heads)
+
+    @property
+    def logit_width(self) -> int:
+        """Width of the logits (embedding_size, which may exceed the tokenizer vocabulary)."""
+        return int(self.embedding_size)  # type: ignore[arg-type]
+
+    @property
+    def max_length(self) -> int:
+        """Longest sequence the model accepts."""
+        return self.max_sequence_length
+
+
+class LLaDABlock(nn.Module):
+    """Pre-norm bidirectional attention + SwiGLU, OLMo's 'llama' block with LLaDA's names."""
+
+    def __init__(self, c: LLaDAConfig) -> None:
+        super().__init__()
+        head_dim = c.d_model // c.n_heads
+        self.n_heads, self.n_kv_heads = c.n_heads, int(c.n_kv_heads)  # type: ignore[arg-type]
+        self.attn_norm = RMSNorm(c.d_model, c.rms_norm_eps)
+        self.ff_norm = RMSNorm(c.d_model, c.rms_norm_eps)
+        self.q_proj = nn.Linear(c.d_model, c.n_heads * head_dim, bias=False)
+        self.k_proj = nn.Linear(c.d_model, self.n_kv_heads * head_dim, bias=False)
+        self.v_proj = nn.Linear(c.d_model, self.n_kv_heads * head_dim, bias=False)
+        self.attn_out = nn.Linear(c.n_heads * head_dim, c.d_model, bias=False)
+        self.ff_proj = nn.Linear(c.d_model, c.mlp_hidden_size, bias=False)
+        self.up_proj = nn.Linear(c.d_model, c.mlp_hidden_size, bias=False)
+        self.ff_out = nn.Linear(c.mlp_hidden_size, c.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
+        h = self.attn_norm(x)
+        x = x + self_attention(h, self.q_proj, self.k_proj, self.v_proj, self.attn_out,
+                               self.n_heads, self.n_kv_heads, inputs)
+        return x + swiglu(self.ff_norm(x), self.ff_proj, self.up_proj, self.ff_out)
+
+
+class LLaDAModel(nn.Module):
+    """LLaDA: forward(input_ids, attention_mask) -> raw logits (B, L, embedding_size), not shifted."""
+
+    def __init__(self, config: LLaDAConfig) -> None:
+        super().__init__()
+        self.config = config
+        c = config
+        transformer = nn.ModuleDict({
+            "wte": nn.Embedding(c.logit_width, c.d_model),
+            "blocks": nn.ModuleList(LLaDABlock(c) for _ in range(c.n_layers)),
+            "ln_f": RMSNorm(c.d_model, c.rms_norm_eps),
+            "ff_out": nn.Linear(c.d_model, c.logit_width, bias=False),
+        })
+        self.model = nn.ModuleDict({"transformer": transformer})
+        init_weights(self, c.init_std)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids (B, L) int64, attention_mask (B, L) (True/1 = real, None = no padding) -> (B, L, V)."""
+        t = self.model["transformer"]
+        head_dim = self.config.d_model // self.config.n_heads
+        inputs = attention_inputs(input_ids, attention_mask, head_dim, self.config.rope_theta)
+        x = t["wte"](input_ids)                                 # (B, L, C)
+        for block in t["blocks"]:
+            x = block(x, inputs)
+        return t["ff_out"](t["ln_f"](x))                        # (B, L, V)
