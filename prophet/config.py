@@ -99,16 +99,18 @@ class DecodeConfig:
             raise ConfigError(f"top_p={self.top_p} must lie in (0, 1]")
         if self.top_k is not None and self.top_k < 1:
             raise ConfigError(f"top_k={self.top_k} must be >= 1")
-        if self.region == "anchor":
-            if not self.anchor_ids:
-                raise ConfigError("region='anchor' needs anchor_ids (the anchor text's token ids); "
-                                  "or choose region 'window' or 'block'")
-            need = len(self.anchor_ids) + 1 + self.answer_window  # anchor, one gap slot, window
+        if self.region == "anchor" and not self.anchor_ids:
+            raise ConfigError("region='anchor' needs anchor_ids (the anchor text's token ids); "
+                              "or choose region 'window' or 'block'")
+        if self.anchor_ids:
+            # anchor, one free slot, then the monitored answer window (that part only for region 'anchor')
+            need = len(self.anchor_ids) + (1 + self.answer_window if self.region == "anchor" else 0)
             start = self.anchor_start
-            if start < 0 or start + need > self.gen_length:
+            if start < 0 or start + need > self.gen_length or len(self.anchor_ids) >= self.gen_length:
                 raise ConfigError(f"anchor of {len(self.anchor_ids)} tokens at offset {start} with answer_window="
-                                  f"{self.answer_window} does not fit in gen_length={self.gen_length}: "
-                                  "shorten the anchor, lower answer_window/anchor_offset or raise gen_length")
+                                  f"{self.answer_window} does not fit in gen_length={self.gen_length} and leave a "
+                                  "position to generate: shorten the anchor, lower answer_window/anchor_offset "
+                                  "or raise gen_length")
 
     @property
     def num_blocks(self) -> int:

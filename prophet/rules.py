@@ -1,0 +1,207 @@
+"""Commit rules, confidences and sampling as small pure tensor functions.
+
+Shapes: B rows, C candidate positions per row (already sliced out of the window, so nothing here
+touches positions that cannot change), V vocabulary entries. `valid` (B, C) marks real
+candidates; padded slots carry arbitrary finite values and are never selected. Every function
+is row-wise, so a row's result never depends on the other rows of a batch.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from prophet.config import DecodeConfig
+
+# ---------------------------------------------------------------------------------------------
+# Prophet: gap, pooling, decision
+
+
+def top2_gap(logits: torch.Tensor) -> torch.Tensor:
+    """(..., V) raw logits -> (...,) top-1 minus top-2 logit, in float32."""
+    top = logits.float().topk(2, dim=-1).values  # (..., 2)
+    return top[..., 0] - top[..., 1]
+
+
+def pool_gaps(gaps: torch.Tensor, valid: torch.Tensor, statistic: str, quantile: float = 0.1) -> torch.Tensor:
+    """(B, C) gaps over a region mask -> (B,) pooled G (float32); NaN where the region is empty.
+
+    The mean sums in float64 with a sequential cumulative sum, so a row gives the same bits
+    whether its region sits in a padded batch or alone (padding adds exact zeros at the end).
+    """
+    n = valid.sum(-1)  # (B,)
+    if gaps.shape[-1] == 0:
+        return torch.full(n.shape, float("nan"), device=gaps.device)
+    g = gaps.double()
+    if statistic == "mean":
+        out = torch.where(valid, g, 0.0).cumsum(-1)[..., -1] / n
+    elif statistic == "min":
+        out = torch.where(valid, g, float("inf")).amin(-1)
+    elif statistic == "quantile":
+        srt = torch.where(valid, g, float("inf")).sort(-1).values  # region values first, ascending
+        rank = quantile * (n - 1).clamp(min=0).double()  # (B,) linear interpolation, as numpy's default
+        lo, hi = rank.floor().long(), rank.ceil().long()
+        v_lo, v_hi = srt.gather(-1, lo[..., None])[..., 0], srt.gather(-1, hi[..., None])[..., 0]
+        out = v_lo + (rank - lo) * (v_hi - v_lo)
+    else:
+        raise ValueError(f"unknown statistic {statistic!r}")
+    return torch.where(n > 0, out, float("nan")).float()
+
+
+def prophet_decision(pooled: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    """(B,) pooled gaps, (B,) thresholds -> (B,) bool: go all in where G >= tau (never on NaN).
+
+    Compared in float64, so a float32 G meets a threshold such as 7.3 exactly as written.
+    """
+    return pooled.double() >= tau.double()
+
+
+# ---------------------------------------------------------------------------------------------
+# Candidate selection
+
+
+def compact(mask: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, G) bool -> (idx, valid), each (B, width): the True positions first, in ascending order.
+
+    Sync-free replacement for boolean indexing: a stable sort puts the selected positions at the
+    front; rows with fewer than `width` of them get padded slots with valid False.
+    """
+    idx = torch.sort((~mask).to(torch.int8), dim=-1, stable=True).indices[:, :width]  # (B, width)
+    valid = mask.gather(-1, idx)
+    return idx, valid
+
+
+def rank_desc(key: torch.Tensor, tier: torch.Tensor) -> torch.Tensor:
+    """(B, C) key and tier -> (B, C) rank (0 = best) by tier, then key, descending; ties by position.
+
+    Two stable sorts make a lexicographic order that never depends on the batch, unlike topk,
+    whose order among ties is unspecified.
+    """
+    order = torch.sort(key, dim=-1, descending=True, stable=True).indices  # (B, C)
+    order = order.gather(-1, torch.sort(tier.gather(-1, order), dim=-1, descending=True, stable=True).indices)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
+    return ranks
+
+
+def select_positions(rank: torch.Tensor, valid: torch.Tensor, k: torch.Tensor,
+                     extra: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, C) rank, valid; (B,) k -> (B, C) bool: the k best valid positions plus any `extra` ones."""
+    sel = rank < k[:, None]
+    if extra is not None:
+        sel = sel | extra
+    return sel & valid
+
+
+def budget_floor(remaining: torch.Tensor, steps_left: torch.Tensor) -> torch.Tensor:
+    """Fewest commits that still empty `remaining` positions in `steps_left` steps: ceil(r / s)."""
+    return (remaining + steps_left - 1) // steps_left.clamp(min=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling and confidences
+
+
+def cfg_mix(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance: un + (scale + 1) * (cond - un)."""
+    return uncond + (scale + 1) * (cond - uncond)
+
+
+def gumbel_argmax(logits: torch.Tensor, u: torch.Tensor, temperature: float) -> torch.Tensor:
+    """LLaDA's float64 Gumbel-max: argmax exp(logits) / (-log U) ** T over V; (..., V) -> (...,)."""
+    noisy = logits.double().exp() / (-torch.log(u.double())) ** temperature
+    return noisy.argmax(-1)
+
+
+def softmax_of(logits: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    """Softmax probability of token x0 (...,) under (..., V) logits (LLaDA's low_confidence)."""
+    return torch.softmax(logits.float(), dim=-1).gather(-1, x0[..., None])[..., 0]
+
+
+def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Dream's nucleus filter: keep the smallest prefix whose probability reaches top_p (the rest -> min)."""
+    srt, order = torch.sort(logits, dim=-1, descending=True)
+    drop = torch.softmax(srt, dim=-1).cumsum(-1) > top_p
+    drop[..., 1:] = drop[..., :-1].clone()  # keep the token that crosses top_p
+    drop[..., 0] = False
+    mask = torch.zeros_like(drop).scatter_(-1, order, drop)
+    return logits.masked_fill(mask, torch.finfo(logits.dtype).min)
+
+
+def top_k_filter(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Dream's top-k filter: logits below the k-th largest -> min."""
+    kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, torch.finfo(logits.dtype).min)
+
+
+def dream_probs(logits: torch.Tensor, temperature: float, top_p: float | None, top_k: int | None) -> torch.Tensor:
+    """Dream's sampling distribution: logits / T (if T > 0), then top_p, then top_k, then softmax."""
+    x = logits.float()
+    if temperature > 0:
+        x = x / temperature
+    if top_p is not None and top_p < 1:
+        x = top_p_filter(x, top_p)
+    if top_k is not None:
+        x = top_k_filter(x, top_k)
+    return torch.softmax(x, dim=-1)
+
+
+def sample_from_probs(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """One categorical draw per row of (..., V) probs from uniforms u: argmax p / Exp(1), in float64."""
+    return (probs.double() / -torch.log(u.double())).argmax(-1)
+
+
+def dream_confidence(probs: torch.Tensor, x0: torch.Tensor, alg: str) -> torch.Tensor:
+    """Dream's position score: maskgit_plus p(x0), topk_margin p1 - p2, entropy sum p log p."""
+    if alg == "maskgit_plus":
+        return probs.gather(-1, x0[..., None])[..., 0]
+    if alg == "topk_margin":
+        top = probs.topk(2, dim=-1).values
+        return top[..., 0] - top[..., 1]
+    if alg == "entropy":
+        return (probs * torch.log(probs + 1e-10)).sum(-1)
+    raise ValueError(f"dream_confidence has no score for alg {alg!r}")
+
+
+def gumbel_perturb(key: torch.Tensor, u: torch.Tensor, alg_temp: float) -> torch.Tensor:
+    """Key whose top k are k draws without replacement from softmax(key / alg_temp) (Gumbel top-k).
+
+    Same distribution as Dream's `multinomial(softmax(conf / alg_temp), k)`.
+    """
+    return key.double() / alg_temp - torch.log(-torch.log(u.double()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Randomness: one generator per row, draw shapes that depend only on that row
+
+
+class Noise(NamedTuple):
+    """A row's uniforms for one step: `token` (n, V) float64 and `position` (n,) float32, or None."""
+
+    token: torch.Tensor | None
+    position: torch.Tensor | None
+
+
+def draw_noise(gen: torch.Generator | None, n: int, vocab: int, cfg: DecodeConfig,
+               device: torch.device) -> Noise:
+    """Uniforms a row needs for one step with n candidate positions, always drawn in the same order."""
+    token = position = None
+    if cfg.temperature > 0:
+        token = torch.rand(n, vocab, generator=gen, device=device, dtype=torch.float64)
+    random_positions = (cfg.remasking == "random") if cfg.host == "llada" else (
+        cfg.alg == "origin" or cfg.alg_temp > 0)
+    if random_positions:
+        position = torch.rand(n, generator=gen, device=device)
+    return Noise(token, position)
+
+
+# ---------------------------------------------------------------------------------------------
+# Results
+
+
+def count_generated(tokens: torch.Tensor, stop_ids: tuple[int, ...]) -> torch.Tensor:
+    """(N, G) tokens -> (N,) number of tokens before the first stop id (G where none)."""
+    stop = torch.zeros_like(tokens, dtype=torch.bool)
+    for s in stop_ids:
+        stop |= tokens == s
+    return torch.where(stop.any(-1), stop.long().argmax(-1), tokens.shape[-1])
