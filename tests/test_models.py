@@ -196,13 +196,14 @@ def test_llada_adapter_does_not_shift(tmp_path):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_bf16_load_agrees_with_fp32(tmp_path, family):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_load_agrees_with_fp32(tmp_path, family, dtype):
     _, path = saved(tmp_path, family)
-    fp32, bf16 = load_model(path), load_model(path, dtype=torch.bfloat16)
-    assert all(p.dtype == torch.bfloat16 for p in bf16.module.parameters())
+    fp32, half = load_model(path), load_model(path, dtype=dtype)
+    assert all(p.dtype == dtype for p in half.module.parameters())
     ids, mask = batch(["1.3.2..4", "agree"])
-    ref, low = fp32.logits(ids, mask), bf16.logits(ids, mask)
-    assert low.dtype == torch.bfloat16
+    ref, low = fp32.logits(ids, mask), half.logits(ids, mask)
+    assert low.dtype == dtype
     err = (low.float() - ref)[mask].abs().max()
     assert err <= 0.02 * ref[mask].abs().max() + 1e-3
 
