@@ -1,0 +1,242 @@
+"""The Ray Data actor: loads the model once, decodes batches of rows, never fails a job for a row.
+
+`GenerateActor` is the callable class given to `map_batches(..., compute=ActorPoolStrategy(...))`.
+Heavy imports (torch, the models, DeepSpeed) happen inside it, in the actor process. Each row gets
+its own seed derived from the job seed and the row id, so its output does not depend on which
+actor took it or what else was in its batch.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+from pipeline.schema import ERROR, INPUT_ERROR, OK, OUTPUT_COLUMNS, OUTPUT_SCHEMA, passthrough_name
+
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+@dataclass(frozen=True)
+class ActorSpec:
+    """Everything an actor needs, built once by the driver (plain data, cheap to ship)."""
+
+    model_dir: str
+    dtype: str                        # "bf16" | "fp16" | "fp32"
+    engine: str                       # "deepspeed" | "torch"
+    device: str                       # "cpu" | "cuda"
+    decode: dict                      # prophet.DecodeConfig.to_dict() of the job
+    seed: int
+    settings_hash: str
+    prompt_column: str
+    messages_column: str | None = None
+    id_column: str | None = None
+    threads: int = 1                  # torch intra-op threads
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+    revision: str | None = None
+    drop_columns: tuple[str, ...] = field(default=())  # internal input columns never written
+
+
+def row_seed(seed: int, row_id: str) -> int:
+    """The seed of one row: a stable 63-bit hash of (job seed, row id)."""
+    digest = hashlib.sha256(f"{seed}:{row_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") & (2**63 - 1)
+
+
+def wrap_with_deepspeed(module: Any, dtype: Any) -> Any:
+    """The one place DeepSpeed appears: an inference engine around `module` (tp 1, no kernel injection)."""
+    import deepspeed
+
+    # dtype is always explicit: DeepSpeed's default is fp16, which many CPUs refuse.
+    return deepspeed.init_inference(module, dtype=dtype, tensor_parallel={"tp_size": 1},
+                                    replace_with_kernel_inject=False)
+
+
+@dataclass
+class Prepared:
+    """One input row on its way to the decoder: prompt ids, or the reason it cannot be decoded."""
+
+    text: str | None
+    ids: list[int] | None = None
+    error: str | None = None
+
+
+def prompt_text(prompt: Any, messages: Any, use_messages: bool, render_chat: Any) -> tuple[str | None, str | None]:
+    """(text, error) of one row: the plain prompt, or chat messages through the template."""
+    if use_messages:
+        if messages is None:
+            return None, "messages is null"
+        if isinstance(messages, str):
+            try:
+                messages = json.loads(messages)
+            except json.JSONDecodeError as e:
+                return None, f"messages is not valid JSON ({e.msg})"
+        if not (isinstance(messages, list) and messages
+                and all(isinstance(m, dict) and "role" in m and "content" in m for m in messages)):
+            return None, "messages is not a non-empty list of {role, content}"
+        try:
+            prompt = render_chat(messages)
+        except Exception as e:  # a template error is the row's, not the job's
+            return None, f"chat template failed: {type(e).__name__}: {e}"
+    if prompt is None:
+        return None, "prompt is null"
+    if not isinstance(prompt, str):
+        return None, f"prompt is a {type(prompt).__name__}, not a string"
+    if not prompt.strip():
+        return prompt, "prompt is empty or whitespace only"
+    return prompt, None
+
+
+def prepare(text: str | None, error: str | None, encode: Any, max_prompt: int) -> Prepared:
+    """Tokenize one row's text; too long or untokenizable rows carry an error."""
+    if error is not None:
+        return Prepared(text, None, error)
+    try:
+        ids = list(encode(text))
+    except Exception as e:
+        return Prepared(text, None, f"tokenizer failed: {type(e).__name__}: {e}")
+    if not ids:
+        return Prepared(text, ids, "prompt has no tokens")
+    if len(ids) > max_prompt:
+        return Prepared(text, ids, f"prompt has {len(ids)} tokens; the model takes at most {max_prompt} "
+                                   "with this gen_length (max_length - gen_length)")
+    return Prepared(text, ids)
+
+
+class GenerateActor:
+    """Callable class for `map_batches`: pyarrow batch in, output rows (schema.OUTPUT_SCHEMA) out."""
+
+    def __init__(self, spec: ActorSpec) -> None:
+        if spec.device == "cpu":
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        import torch
+
+        from prophet.config import DecodeConfig
+        from prophet.models import load_model
+
+        torch.set_num_threads(spec.threads)
+        self.spec = spec
+        dtype = getattr(torch, DTYPES[spec.dtype])
+        self.model = load_model(spec.model_dir, device=spec.device, dtype=dtype, allow_pickle=spec.allow_pickle,
+                                trust_remote_code=spec.trust_remote_code, revision=spec.revision)
+        if spec.engine == "deepspeed":
+            self.model.module = wrap_with_deepspeed(self.model.module, dtype)
+        self.config = DecodeConfig(**{**spec.decode, "thresholds": tuple(spec.decode["thresholds"]),
+                                      "anchor_ids": tuple(spec.decode["anchor_ids"])})
+        self.max_prompt = self.model.max_length - self.config.gen_length
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        spec = self.spec
+        n = batch.num_rows
+        prompts = _column(batch, spec.prompt_column, n)
+        messages = _column(batch, spec.messages_column, n) if spec.messages_column else [None] * n
+        input_errors = _column(batch, INPUT_ERROR, n)
+        rows = []
+        for prompt, msgs, input_error in zip(prompts, messages, input_errors):
+            text, error = (None, input_error) if input_error else prompt_text(
+                prompt, msgs, spec.messages_column is not None, self.model.render_chat)
+            rows.append(prepare(text, error, self.model.encode, self.max_prompt))
+        ids = batch.column("id").to_pylist()
+        metrics = self._decode(rows, ids)
+        return self._output(batch, rows, metrics)
+
+    def _decode(self, rows: list[Prepared], ids: list[str]) -> dict[int, dict]:
+        """Decode the rows without an error; row index -> metrics (or {'error': ...})."""
+        todo = [i for i, r in enumerate(rows) if r.error is None]
+        if not todo:
+            return {}
+        try:
+            return self._decode_some(rows, ids, todo)
+        except Exception:
+            # one bad row must not take the others down: retry them one by one to isolate it
+            out: dict[int, dict] = {}
+            for i in todo:
+                try:
+                    out.update(self._decode_some(rows, ids, [i]))
+                except Exception as e:
+                    out[i] = {"error": f"decode failed: {type(e).__name__}: {e}"}
+            return out
+
+    def _decode_some(self, rows: list[Prepared], ids: list[str], todo: list[int]) -> dict[int, dict]:
+        from prophet.decode import decode
+
+        seeds = [row_seed(self.spec.seed, ids[i]) for i in todo]
+        res = decode(self.model, [rows[i].ids for i in todo], self.config, seeds=seeds)
+        finished = time.time()
+        tokens, n_gen = res.tokens.tolist(), res.num_generated.tolist()
+        steps, early = res.steps_used.tolist(), res.committed_early.tolist()
+        cstep, cgap = res.commit_step.tolist(), res.commit_gap.tolist()
+        secs, bad = res.decode_seconds.tolist(), res.nonfinite.tolist()
+        out = {}
+        for j, i in enumerate(todo):
+            if bad[j]:
+                out[i] = {"error": "the model returned non-finite (NaN/inf) logits for this row",
+                          "decode_s": secs[j], "finished_at": finished}
+                continue
+            kept = tokens[j][:n_gen[j]]
+            out[i] = {"completion": self.model.decode(kept), "completion_ids": kept, "generated_tokens": n_gen[j],
+                      "steps_used": steps[j], "committed_early": early[j],
+                      "commit_step": cstep[j] if cstep[j] >= 0 else None,
+                      "commit_gap": cgap[j] if cstep[j] >= 0 else None,
+                      "decode_s": secs[j], "finished_at": finished}
+        return out
+
+    def _output(self, batch: pa.Table, rows: list[Prepared], metrics: dict[int, dict]) -> pa.Table:
+        now = time.time()
+        cols: dict[str, list] = {name: [] for name in OUTPUT_COLUMNS}
+        for i, row in enumerate(rows):
+            m = metrics.get(i, {})
+            error = row.error or m.get("error")
+            values = {"prompt": row.text, "prompt_tokens": None if row.ids is None else len(row.ids),
+                      "gen_length": self.config.gen_length, "steps_budget": self.config.steps,
+                      "finished_at": m.get("finished_at", now), "worker_id": self.worker_id,
+                      "model": self.model.name, "settings_hash": self.spec.settings_hash,
+                      "status": ERROR if error else OK, "error": error}
+            if error is None:
+                values.update(m)
+            else:
+                values["decode_s"] = m.get("decode_s")
+            for name in OUTPUT_COLUMNS:
+                if name != "id":
+                    cols[name].append(values.get(name))
+        cols["id"] = batch.column("id").to_pylist()
+        table = pa.table({f.name: pa.array(cols[f.name], f.type) for f in OUTPUT_SCHEMA}, schema=OUTPUT_SCHEMA)
+        return _append_passthrough(table, batch, self._consumed(batch))
+
+    def _consumed(self, batch: pa.Table) -> set[str]:
+        """Input columns represented by output columns (never passed through)."""
+        spec = self.spec
+        used = {"id", INPUT_ERROR, *spec.drop_columns}
+        if spec.messages_column is None:
+            used.add(spec.prompt_column)
+        if spec.id_column:
+            used.add(spec.id_column)
+        return used
+
+
+def _column(batch: pa.Table, name: str | None, n: int) -> list:
+    if name is None or name not in batch.column_names:
+        return [None] * n
+    return batch.column(name).to_pylist()
+
+
+def _append_passthrough(table: pa.Table, batch: pa.Table, consumed: set[str]) -> pa.Table:
+    """Append every input column not consumed, renamed where it clashes with an output column."""
+    taken = set(OUTPUT_COLUMNS)
+    for name in batch.column_names:
+        if name in consumed:
+            continue
+        new = passthrough_name(name, taken)
+        taken.add(new)
+        column = batch.column(name)
+        if pa.types.is_null(column.type):  # all-null here; a string column keeps part files alike
+            column = column.cast(pa.string())
+        table = table.append_column(new, column)
+    return table

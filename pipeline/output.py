@@ -1,0 +1,156 @@
+"""The output directory: atomic Parquet parts, the ids already written (resume), the manifest.
+
+A part file becomes visible only complete: it is written under a hidden temporary name and
+renamed into place (a rename is atomic on a local or network file system; an object store puts
+a whole object at once). So every visible `*.parquet` holds complete rows, and a killed run
+leaves at most hidden `.*.tmp` files, which the next run deletes. Resume reads the `id` column
+of the visible files and skips those ids.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from pipeline.config import JobConfigError
+from pipeline.schema import MANIFEST, OUTPUT_COLUMNS, OUTPUT_SCHEMA
+
+TMP_SUFFIX = ".tmp"
+
+
+def filesystem(out_dir: str) -> tuple[pafs.FileSystem, str]:
+    """(file system, path inside it) of an output directory: a local path or a URI (s3://...)."""
+    if "://" in out_dir:
+        return pafs.FileSystem.from_uri(out_dir)
+    return pafs.LocalFileSystem(), os.path.abspath(out_dir)
+
+
+def new_run_id() -> str:
+    """A short id for one run of a job (part file names carry it)."""
+    return time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+
+
+def part_name(run_id: str, task_idx: int) -> str:
+    """File name of one write task's part (deterministic, so a retried task overwrites, never adds)."""
+    return f"part-{run_id}-{task_idx:06d}.parquet"
+
+
+def conform(table: pa.Table) -> pa.Table:
+    """The output columns in schema order and types, then the passthrough columns as they are."""
+    rest = [n for n in table.column_names if n not in OUTPUT_COLUMNS]
+    cols = [table.column(f.name).cast(f.type) for f in OUTPUT_SCHEMA] + [table.column(n) for n in rest]
+    fields = list(OUTPUT_SCHEMA) + [table.schema.field(n) for n in rest]
+    return pa.Table.from_arrays(cols, schema=pa.schema(fields))
+
+
+def write_part(table: pa.Table, out_dir: str, name: str) -> int:
+    """Write one part atomically (hidden temp file, then rename); returns the rows written."""
+    fs, base = filesystem(out_dir)
+    tmp, final = _join(base, f".{name}{TMP_SUFFIX}"), _join(base, name)
+    with fs.open_output_stream(tmp) as sink:
+        pq.write_table(conform(table), sink)
+    fs.move(tmp, final)
+    return table.num_rows
+
+
+def _join(base: str, name: str) -> str:
+    return f"{base.rstrip('/')}/{name}"  # pyarrow file systems take "/" paths everywhere
+
+
+def _listing(out_dir: str) -> list[pafs.FileInfo]:
+    fs, base = filesystem(out_dir)
+    info = fs.get_file_info(base)
+    if info.type == pafs.FileType.NotFound:
+        return []
+    if info.type != pafs.FileType.Directory:
+        raise JobConfigError(f"output.dir: {out_dir} exists and is not a directory")
+    return fs.get_file_info(pafs.FileSelector(base, recursive=False))
+
+
+def part_files(out_dir: str) -> list[str]:
+    """Visible Parquet files of the output directory (complete parts), sorted."""
+    return sorted(i.path for i in _listing(out_dir)
+                  if i.type == pafs.FileType.File and i.base_name.endswith(".parquet")
+                  and not i.base_name.startswith((".", "_")))
+
+
+def remove_temp_files(out_dir: str) -> int:
+    """Delete hidden temporary parts a killed run left behind; returns how many."""
+    fs, _ = filesystem(out_dir)
+    stale = [i.path for i in _listing(out_dir)
+             if i.base_name.startswith(".") and i.base_name.endswith(TMP_SUFFIX)]
+    for path in stale:
+        fs.delete_file(path)
+    return len(stale)
+
+
+def done_ids(out_dir: str) -> pa.Array:
+    """The ids already written (every visible part's `id` column), as one string array."""
+    fs, _ = filesystem(out_dir)
+    chunks = []
+    for path in part_files(out_dir):
+        try:
+            chunks.append(pq.read_table(path, columns=["id"], filesystem=fs).column("id"))
+        except (pa.ArrowInvalid, OSError, KeyError) as e:
+            raise JobConfigError(f"output.dir: {path} is not a readable part of this pipeline ({e}); "
+                                 "move it away, or pass --overwrite to start over") from None
+    if not chunks:
+        return pa.array([], pa.string())
+    return pa.chunked_array([c for col in chunks for c in col.chunks], pa.string()).combine_chunks()
+
+
+def clear(out_dir: str) -> None:
+    """Delete a job's output (parts, temporary parts, manifest) for --overwrite; other files stay."""
+    fs, base = filesystem(out_dir)
+    for path in part_files(out_dir):
+        fs.delete_file(path)
+    remove_temp_files(out_dir)
+    manifest = _join(base, MANIFEST)
+    if fs.get_file_info(manifest).type == pafs.FileType.File:
+        fs.delete_file(manifest)
+
+
+def read_manifest(out_dir: str) -> dict | None:
+    """The manifest of an output directory, None where there is none yet."""
+    fs, base = filesystem(out_dir)
+    path = _join(base, MANIFEST)
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(path) as f:
+        return json.loads(f.read().decode())
+
+
+def write_manifest(out_dir: str, manifest: dict[str, Any]) -> None:
+    """Write manifest.json atomically (temp file, then rename)."""
+    fs, base = filesystem(out_dir)
+    fs.create_dir(base, recursive=True)
+    tmp, final = _join(base, f".{MANIFEST}{TMP_SUFFIX}"), _join(base, MANIFEST)
+    with fs.open_output_stream(tmp) as f:
+        f.write((json.dumps(manifest, indent=2, sort_keys=False, default=str) + "\n").encode())
+    fs.move(tmp, final)
+
+
+def count_rows(out_dir: str, run_id: str | None = None) -> dict[str, int]:
+    """Rows, ok/error counts and distinct ids over every visible part (reads two columns);
+    run_rows/run_ok count the parts of run `run_id` only."""
+    fs, _ = filesystem(out_dir)
+    c = {"rows": 0, "ok": 0, "run_rows": 0, "run_ok": 0}
+    ids = []
+    for path in part_files(out_dir):
+        t = pq.read_table(path, columns=["id", "status"], filesystem=fs)
+        ok = pc.sum(pc.equal(t.column("status"), "ok")).as_py() or 0
+        c["rows"], c["ok"] = c["rows"] + t.num_rows, c["ok"] + ok
+        if run_id is not None and f"part-{run_id}-" in path:
+            c["run_rows"], c["run_ok"] = c["run_rows"] + t.num_rows, c["run_ok"] + ok
+        ids.append(t.column("id"))
+    c["errors"] = c["rows"] - c["ok"]
+    c["unique_ids"] = len(pa.chunked_array([c for col in ids for c in col.chunks], pa.string()).unique())
+    c["files"] = len(ids)
+    return c

@@ -1,0 +1,398 @@
+"""The generation job: validate, connect to Ray, resume, read -> decode on actors -> Parquet, manifest.
+
+    from pipeline.config import load_job_config
+    from pipeline.run import run
+    summary = run(load_job_config("my_job.yaml"))
+
+Everything that can be wrong with the configuration, the input's columns or the output directory
+is checked before Ray starts. Resume: the ids in the output directory's visible Parquet parts are
+skipped (parts appear atomically, see `pipeline.output`), so rerunning a job processes only what
+is missing and a completed rerun writes nothing.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import platform
+import socket
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from pipeline import io as pio
+from pipeline import output
+from pipeline.actor import ActorSpec
+from pipeline.config import JobConfig, JobConfigError, settings_hash
+
+# DecodeConfig fields that change how fast rows decode, never what they decode to (the core
+# guarantees batch-independence), so a resumed job may change them.
+NOT_IN_SETTINGS = ("batch_size", "continuous")
+VERSIONED = ("prophet-dlm", "torch", "ray", "deepspeed", "pyarrow", "datasets", "pydantic", "tokenizers",
+             "safetensors", "transformers")
+
+
+class PipelineError(RuntimeError):
+    """The job could not run to the end; the message says why and what to change."""
+
+
+@dataclass
+class Plan:
+    """What the driver decided before Ray starts."""
+
+    cfg: JobConfig
+    fmt: str
+    decode: dict                  # DecodeConfig.to_dict() with the resolved host and anchor ids
+    settings: dict                # what decides a row's output (hashed into settings_hash)
+    settings_hash: str
+    fingerprint: str | None       # of the input files (None where not local)
+
+
+@dataclass
+class Summary:
+    """The outcome of one run of a job."""
+
+    output: str
+    rows: int                     # rows written by this run
+    ok: int
+    errors: int
+    skipped: int                  # ids already in the output before this run
+    total_rows: int               # rows in the output directory now
+    unique_ids: int
+    wall_s: float
+    status: str                   # "complete", "partial" (a limit was set) or "nothing to do"
+    settings_hash: str
+    run_id: str
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def rows_per_s(self) -> float:
+        """Rows written per wall second of this run."""
+        return self.rows / self.wall_s if self.wall_s > 0 else 0.0
+
+    def to_json(self) -> dict:
+        """JSON-able dict for the last stdout line."""
+        return {**{k: v for k, v in asdict(self).items() if k != "extra"}, "rows_per_s": round(self.rows_per_s, 3),
+                **self.extra}
+
+    def text(self) -> str:
+        """A few lines for people."""
+        return (f"{self.status}: {self.rows} rows written ({self.ok} ok, {self.errors} errors), {self.skipped} "
+                f"already done; {self.output} holds {self.total_rows} rows, {self.unique_ids} distinct ids\n"
+                f"wall {self.wall_s:.1f}s, {self.rows_per_s:.2f} rows/s, settings {self.settings_hash}")
+
+
+# ----------------------------------------------------------------------------- before Ray
+
+def plan_job(cfg: JobConfig) -> Plan:
+    """Validate everything that can be checked without Ray; raise JobConfigError naming the field."""
+    _check_paths(cfg)
+    fmt = pio.detect_format(cfg.input)
+    if fmt == "parquet" and "://" not in cfg.input.path:
+        pio.check_parquet_files(cfg.input)
+    pio.check_columns(cfg.input, pio.peek(cfg.input, fmt))
+    host, anchor_ids = _model_facts(cfg)
+    decode = cfg.decode_config(host, anchor_ids).to_dict()
+    settings = {"decode": {k: v for k, v in decode.items() if k not in NOT_IN_SETTINGS},
+                "model": Path(cfg.model.dir).resolve().name, "model_files": _model_fingerprint(cfg.model.dir),
+                "dtype": cfg.dtype, "seed": cfg.execution.seed,
+                "prompt": cfg.input.messages_column and f"messages:{cfg.input.messages_column}"
+                or f"prompt:{cfg.input.prompt_column}"}
+    return Plan(cfg, fmt, decode, settings, settings_hash(settings), _input_fingerprint(cfg.input.path))
+
+
+def _check_paths(cfg: JobConfig) -> None:
+    """The output may not be the input, inside it, or hold it (nothing in the input is ever touched)."""
+    if "://" in cfg.output.dir or "://" in cfg.input.path:
+        return
+    out, inp = Path(cfg.output.dir).resolve(), Path(cfg.input.path).resolve()
+    if out == inp or inp in out.parents:
+        raise JobConfigError(f"output.dir: {cfg.output.dir} is the input or inside it; choose another directory")
+    if out in inp.parents:
+        raise JobConfigError(f"output.dir: {cfg.output.dir} holds the input {cfg.input.path}; choose another directory")
+    if not Path(cfg.model.dir).is_dir():
+        raise JobConfigError(f"model.dir: no such directory {cfg.model.dir}")
+
+
+def _model_facts(cfg: JobConfig) -> tuple[str, tuple[int, ...]]:
+    """(the family's default host, the anchor's token ids) from config.json and the tokenizer only."""
+    from prophet.models import ModelLoadError, Tokenizer
+    from prophet.models.loading import native_family, read_config
+
+    try:
+        family = native_family(read_config(Path(cfg.model.dir)))
+        host = family[0].default_host if family else "llada"
+        anchor = cfg.decoding.anchor
+        ids = tuple(Tokenizer.from_dir(cfg.model.dir).encode(anchor)) if anchor is not None else ()
+    except ModelLoadError as e:
+        raise JobConfigError(f"model.dir: {e}") from None
+    if anchor is not None and not ids:
+        raise JobConfigError(f"decoding.anchor: {anchor!r} has no tokens in this model's tokenizer")
+    return host, ids
+
+
+def _model_fingerprint(model_dir: str) -> str:
+    """Hash of the model directory's file names, sizes and config.json (weights are not read)."""
+    root = Path(model_dir)
+    items = sorted((p.name, p.stat().st_size) for p in root.iterdir() if p.is_file())
+    config = (root / "config.json").read_bytes() if (root / "config.json").is_file() else b""
+    return hashlib.sha256(json.dumps(items).encode() + config).hexdigest()[:16]
+
+
+def _input_fingerprint(path: str) -> str | None:
+    """Hash of the input files' names, sizes and modification times; None for remote inputs."""
+    if "://" in path:
+        return None
+    root = Path(path)
+    files = pio.input_files_any(root)
+    items = [(str(p.relative_to(root)) if p != root else p.name, p.stat().st_size, p.stat().st_mtime_ns)
+             for p in files]
+    return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:16]
+
+
+def prepare_output(plan: Plan) -> tuple[dict | None, bool]:
+    """Overwrite or check that a resumed output belongs to this job; returns (old manifest, complete)."""
+    cfg, out = plan.cfg, plan.cfg.output.dir
+    if cfg.output.overwrite:
+        output.clear(out)
+        return None, False
+    old = output.read_manifest(out)
+    if old is None:
+        if output.part_files(out):
+            raise JobConfigError(f"output.dir: {out} holds Parquet files but no manifest.json; it is not this "
+                                 "pipeline's output: choose another directory or pass --overwrite")
+        return None, False
+    if old.get("settings_hash") != plan.settings_hash:
+        diff = _diff(old.get("settings", {}).get(old.get("settings_hash"), {}), plan.settings)
+        raise JobConfigError(f"output.dir: {out} holds rows decoded with other settings (hash "
+                             f"{old.get('settings_hash')} vs {plan.settings_hash}; {diff}): use another "
+                             "--output, or --overwrite to start over")
+    if old.get("input", {}).get("path") not in (None, str(cfg.input.path)):
+        raise JobConfigError(f"output.dir: {out} holds results of input {old['input']['path']}, not "
+                             f"{cfg.input.path}: use another --output, or --overwrite")
+    complete = (old.get("status") == "complete" and plan.fingerprint is not None
+                and old.get("input", {}).get("fingerprint") == plan.fingerprint)
+    return old, complete
+
+
+def _diff(old: dict, new: dict, prefix: str = "") -> str:
+    keys = sorted(set(old) | set(new))
+    parts = []
+    for k in keys:
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            sub = _diff(a, b, f"{prefix}{k}.")
+            parts += [sub] if sub else []
+        elif a != b:
+            parts.append(f"{prefix}{k}: {a!r} -> {b!r}")
+    return ", ".join(parts)
+
+
+# ----------------------------------------------------------------------------- Ray
+
+def connect_ray(cfg: JobConfig) -> bool:
+    """Connect to the job's Ray, or start a local one; returns True when this call started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = cfg.execution.ray_address
+    if address:
+        ray.init(address=address)
+    elif os.environ.get("RAY_ADDRESS"):
+        ray.init()  # inside `ray job submit`: the cluster's own resources, none passed
+    else:
+        # A private single-machine Ray for this job: bound to localhost and gone when the job ends,
+        # so token auth (on by default in Ray 2.60) would only get in the way of `ray` CLI tools.
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        cpus = cfg.execution.local_cpus or (os.cpu_count() or 1) + 1
+        ray.init(num_cpus=cpus, include_dashboard=False)
+        return True
+    return False
+
+
+@dataclass(frozen=True)
+class Resources:
+    """Per-actor resources decided from the config and the cluster."""
+
+    cpus: float
+    gpus: float
+    threads: int
+
+
+def resolve_resources(cfg: JobConfig, cluster: dict) -> Resources:
+    """Per-actor CPUs/GPUs; on CPU, refuse a pool that would leave no CPU for read/write tasks."""
+    ex = cfg.execution
+    total = float(cluster.get("CPU", 0))
+    if ex.gpus_per_actor > 0:
+        cpus = ex.cpus_per_actor or 1.0
+    else:
+        # the deadlock trap: actors holding every logical CPU starve the read and write tasks
+        cpus = ex.cpus_per_actor or math.floor(100 * max(total - 1, total / 2) / ex.actors) / 100
+        if cpus <= 0 or ex.actors * cpus > total - 0.25:
+            raise JobConfigError(f"execution: {ex.actors} actors x {cpus} CPUs leave no CPU of the cluster's "
+                                 f"{total:g} for read/write tasks (the job would hang): lower "
+                                 "execution.cpus_per_actor (fractions allowed) or execution.actors")
+    return Resources(cpus=cpus, gpus=ex.gpus_per_actor, threads=max(1, round(cpus)))
+
+
+def actor_spec(plan: Plan, res: Resources) -> ActorSpec:
+    """The actor's instructions."""
+    cfg = plan.cfg
+    return ActorSpec(model_dir=str(Path(cfg.model.dir).resolve()) if "://" not in cfg.model.dir else cfg.model.dir,
+                     dtype=cfg.dtype, engine=cfg.model.engine, device="cuda" if res.gpus > 0 else "cpu",
+                     decode=plan.decode, seed=cfg.execution.seed, settings_hash=plan.settings_hash,
+                     prompt_column=cfg.input.prompt_column, messages_column=cfg.input.messages_column,
+                     id_column=cfg.input.id_column, threads=res.threads, allow_pickle=cfg.model.allow_pickle,
+                     trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision,
+                     drop_columns=(pio.ROW_KEY,))
+
+
+def build_dataset(plan: Plan, spec: ActorSpec, res: Resources, done: Any, run_id: str):
+    """read -> ids, drop done -> (limit) -> blocks -> actors -> (dataset, sink); nothing runs yet."""
+    import ray.data
+
+    from pipeline.actor import GenerateActor
+    from pipeline.datasources import PartSink, read_dataset
+
+    cfg = plan.cfg
+    ds = read_dataset(cfg.input, plan.fmt)
+    ds = ds.map_batches(pio.ids_not_done, batch_format="pyarrow", batch_size=None,
+                        fn_kwargs={"id_column": cfg.input.id_column, "done": done})
+    if cfg.input.limit:
+        ds = ds.limit(cfg.input.limit)
+    ds = ds.repartition(target_num_rows_per_block=cfg.rows_per_block)
+    ex = cfg.execution
+    remote: dict[str, Any] = {"num_cpus": res.cpus, "max_restarts": ex.max_restarts,
+                              "max_task_retries": ex.max_task_retries}
+    if res.gpus:
+        remote["num_gpus"] = res.gpus
+    with warnings.catch_warnings():
+        # max_restarts/max_task_retries have no named parameter in Ray 2.60 (only ray_remote_args)
+        warnings.filterwarnings("ignore", message=".*ray_remote_args. is deprecated")
+        ds = ds.map_batches(GenerateActor, fn_constructor_kwargs={"spec": spec}, batch_size=ex.batch_size,
+                            batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=ex.actors), **remote)
+    return ds, PartSink(cfg.output.dir, run_id, ex.rows_per_file)
+
+
+def execute(ds: Any, sink: Any, cfg: JobConfig, cluster: dict) -> None:
+    """Run the pipeline; a pool that cannot start (no GPU, say) fails within the configured wait."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.wait_for_min_actors_s = cfg.execution.actor_start_timeout_s
+    try:
+        ds.write_datasink(sink)
+    except Exception as e:
+        if "Timed out while starting actors" not in f"{e!r} {e.__cause__!r}":
+            raise
+        ex = cfg.execution
+        raise PipelineError(
+            f"no actor started within execution.actor_start_timeout_s={ex.actor_start_timeout_s}s: each actor "
+            f"asks for {ex.gpus_per_actor:g} GPU(s) and the cluster has {cluster.get('GPU', 0):g} GPU(s) and "
+            f"{cluster.get('CPU', 0):g} CPU(s). Use a cluster with GPUs (or let its autoscaler add them), "
+            "lower execution.gpus_per_actor/actors, or set gpus_per_actor: 0 to run on CPU") from None
+
+
+# ----------------------------------------------------------------------------- the job
+
+def run(cfg: JobConfig, log: Callable[[str], None] = print) -> Summary:
+    """Run a generation job to the end (or resume it); returns what this run did."""
+    t0 = time.time()
+    plan = plan_job(cfg)
+    old, complete = prepare_output(plan)
+    out = cfg.output.dir
+    run_id = output.new_run_id()
+    if complete:
+        counts = output.count_rows(out)
+        log(f"{out}: already complete for this input and settings; nothing to do")
+        return Summary(out, 0, 0, 0, counts["rows"], counts["rows"], counts["unique_ids"], time.time() - t0,
+                       "nothing to do", plan.settings_hash, run_id)
+    removed = output.remove_temp_files(out)
+    done = output.done_ids(out)
+    if removed or len(done):
+        log(f"{out}: resuming: {len(done)} ids already written are skipped"
+            + (f", {removed} partial parts of a killed run removed" if removed else ""))
+    import ray
+
+    started = connect_ray(cfg)
+    try:
+        cluster = {k: float(v) for k, v in ray.cluster_resources().items()}
+        res = resolve_resources(cfg, cluster)
+        manifest = _manifest(plan, old, run_id, t0, cluster, res)
+        output.write_manifest(out, manifest)
+        ds, sink = build_dataset(plan, actor_spec(plan, res), res, done, run_id)
+        execute(ds, sink, cfg, cluster)
+    finally:
+        if started:
+            ray.shutdown()
+    counts = output.count_rows(out, run_id=run_id)
+    status = "partial" if cfg.input.limit else "complete"
+    summary = Summary(out, counts["run_rows"], counts["run_ok"], counts["run_rows"] - counts["run_ok"], len(done),
+                      counts["rows"], counts["unique_ids"], time.time() - t0, status, plan.settings_hash, run_id)
+    _finish_manifest(manifest, summary, counts)
+    output.write_manifest(out, manifest)
+    return summary
+
+
+def _manifest(plan: Plan, old: dict | None, run_id: str, t0: float, cluster: dict, res: Resources) -> dict:
+    cfg = plan.cfg
+    manifest = dict(old or {})
+    settings = dict(manifest.get("settings", {}))
+    settings[plan.settings_hash] = plan.settings
+    manifest.update({
+        "format": "prophet-dlm generate v1",
+        "status": "running",
+        "settings_hash": plan.settings_hash,
+        "settings": settings,
+        "job": cfg.model_dump(mode="json"),
+        "decode": plan.decode,
+        "input": {"path": str(cfg.input.path), "format": plan.fmt, "fingerprint": plan.fingerprint},
+        "model": {"dir": cfg.model.dir, "name": plan.settings["model"], "dtype": cfg.dtype,
+                  "engine": cfg.model.engine},
+        "resources": asdict(res),
+        "versions": versions(),
+        "host": host_info(cluster),
+        "started_at": t0,
+        "started_at_iso": _iso(t0),
+    })
+    manifest.setdefault("first_started_at", t0)
+    manifest["runs"] = [*manifest.get("runs", []), {"run_id": run_id, "started_at": t0, "status": "running"}]
+    return manifest
+
+
+def _finish_manifest(manifest: dict, s: Summary, counts: dict) -> None:
+    end = time.time()
+    manifest["runs"][-1].update({"ended_at": end, "wall_s": round(s.wall_s, 3), "rows": s.rows, "ok": s.ok,
+                                 "errors": s.errors, "skipped": s.skipped, "status": s.status})
+    manifest.update({"status": s.status, "ended_at": end, "ended_at_iso": _iso(end), "wall_s": round(s.wall_s, 3),
+                     "rows": {k: counts[k] for k in ("rows", "ok", "errors", "unique_ids", "files")}})
+
+
+def _iso(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(t))
+
+
+def versions() -> dict[str, str | None]:
+    """Versions of Python and the packages that decide the output."""
+    from importlib import metadata
+
+    found: dict[str, str | None] = {"python": platform.python_version()}
+    for name in VERSIONED:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def host_info(cluster: dict) -> dict:
+    """The driver's host and the cluster's resources (GPU kinds from Ray's accelerator labels)."""
+    return {"driver": socket.gethostname(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
+            "cluster_cpus": cluster.get("CPU", 0), "cluster_gpus": cluster.get("GPU", 0),
+            "accelerators": sorted(k.split(":", 1)[1] for k in cluster if k.startswith("accelerator_type:")),
+            "argv": sys.argv}
