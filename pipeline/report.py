@@ -41,9 +41,17 @@ class ScoringError(ReportError):
 
 # ---------------------------------------------------------------------------- reading
 
+def _local(output_dir: str | Path) -> Path:
+    """A local directory path; a URI (s3://...) is refused with what to do instead."""
+    if "://" in str(output_dir):
+        raise ReportError(f"{output_dir}: reports read local directories only; copy the output down first "
+                          "(e.g. `aws s3 sync URI DIR`) and report on the copy")
+    return Path(output_dir)
+
+
 def parquet_files(output_dir: str | Path) -> list[Path]:
     """The visible Parquet parts of an output directory, sorted (the rule of pipeline.output.part_files)."""
-    root = Path(output_dir)
+    root = _local(output_dir)
     if not root.exists():
         raise ReportError(f"{root}: no such directory; pass the --output directory of a jobs/generate.py run")
     if not root.is_dir():
@@ -328,7 +336,7 @@ def _rate(x: float, seconds: float | None) -> float | None:
 def scan_run(output_dir: str | Path, scorer: str | None = None, answer_column: str = "answer",
              task_column: str = "task", keep_rows: bool = False) -> RunScan:
     """One streaming pass over an output directory: the report and the arrays behind it."""
-    root = Path(output_dir)
+    root = _local(output_dir)
     files = parquet_files(root)
     manifest = read_manifest(root)
     names = set(_open(files[0]).schema_arrow.names)

@@ -300,6 +300,10 @@ def test_missing_directory_is_a_clear_error(tmp_path):
     assert "no such directory" in _error_of(tmp_path / "nope")
 
 
+def test_remote_uri_is_a_clear_error():
+    assert "local directories only" in _error_of("s3://bucket/run")
+
+
 def test_directory_without_parquet_is_a_clear_error(tmp_path):
     (tmp_path / MANIFEST).write_text("{}")
     assert "no Parquet files" in _error_of(tmp_path)
