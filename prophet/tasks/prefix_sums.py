@@ -19,7 +19,8 @@ class PrefixSums(Task):
     """Prompt 'P:' + 6-10 digits + '=', answer the running sum mod 10 after each digit."""
 
     name = "prefix_sums"
-    budget = Budget(gen_length=12, steps=12, block_length=None)  # 10 digits at most, then EOS
+    # The same budget as sudoku4, so one decoding config serves the whole default prompt set.
+    budget = Budget(gen_length=24, steps=24, block_length=None)
     max_answer_len = 10
 
     def __init__(self, min_len: int = 6, max_len: int = 10) -> None:

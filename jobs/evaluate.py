@@ -1,0 +1,103 @@
+"""Accuracy and steps of every commit rule on held-out task prompts, per model and task.
+
+    .venv/bin/python jobs/evaluate.py                      # shipped tiny models, all tasks
+    .venv/bin/python jobs/evaluate.py --model checkpoints/tiny-dream --task sudoku4 --n 200
+
+Rules: Full, Half (half the steps), one-shot (a single step), Prophet with the default thresholds
+(8/5/3) for each region and statistic, Prophet calibrated (MODEL/calibration.json unless
+--calibration is given), gap_parallel and confidence_threshold. A table for people, then the
+last stdout line is JSON: {"results": [{"model", "task", "rule", "accuracy", "mean_steps",
+"budget", "speedup", "n"}, ...]}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from prophet.config import PRESETS, DecodeConfig  # noqa: E402
+from prophet.models import load_model  # noqa: E402
+from prophet.tasks import TASKS, Task, get_task  # noqa: E402
+from prophet.tasks.evaluation import Outcome, run_task, task_config  # noqa: E402
+from prophet.types import TextDLM  # noqa: E402
+
+SHIPPED = ("checkpoints/tiny-llada", "checkpoints/tiny-dream")
+STATISTICS = (("mean", 0.1), ("min", 0.1), ("quantile", 0.1))
+
+
+def rule_configs(model: TextDLM, task: Task, calibration: Path | None) -> list[tuple[str | None, DecodeConfig]]:
+    """(label or None for the automatic one, config) of every rule to evaluate."""
+    full = task_config(model, task)
+    out: list[tuple[str | None, DecodeConfig]] = [(None, full), (None, replace(full, steps=full.steps // 2)),
+                                                  (None, replace(full, steps=1))]
+    for region in ("window", "block"):
+        for stat, q in STATISTICS:
+            out.append((None, replace(full, rule="prophet", thresholds=PRESETS["default"], region=region,
+                                      statistic=stat, quantile=q)))
+    if calibration is not None:
+        cal = full.with_calibration(calibration)
+        source = json.loads(calibration.read_text()).get("task", "?")
+        th = "/".join(f"{t:g}" for t in cal.thresholds)
+        stat = cal.statistic if cal.statistic != "quantile" else f"q{cal.quantile:g}"
+        out.append((f"prophet calibrated[{source}] {th} {cal.region} {stat}", cal))
+        out.append((f"gap_parallel calibrated[{source}] {th}", replace(full, rule="gap_parallel",
+                                                                        thresholds=cal.thresholds)))
+    out.append((None, replace(full, rule="gap_parallel", thresholds=PRESETS["default"])))
+    out.append((None, replace(full, rule="confidence_threshold", confidence=0.9)))
+    return out
+
+
+def evaluate(model_dir: Path, task_names: Sequence[str], n: int, calibration: Path | None,
+             seed: int = 0) -> list[dict]:
+    """Every rule on n held-out test prompts of each task; prints one table line per rule."""
+    model = load_model(model_dir)
+    name = model_dir.name
+    cal = calibration or (model_dir / "calibration.json")
+    cal = cal if cal.is_file() else None
+    rows = []
+    for task_name in task_names:
+        task = get_task(task_name)
+        examples = task.examples("test", n, seed=seed)
+        for label, cfg in rule_configs(model, task, cal):
+            out: Outcome = run_task(model, task, examples, cfg, label=label, seed=seed)
+            print(f"{name:12s} {task.name:12s} {out.rule:48s} {100 * out.accuracy:6.1f}% "
+                  f"{out.mean_steps:6.2f} / {out.budget:<3d} {out.speedup:5.2f}x", flush=True)
+            rows.append(out.row(name, task.name))
+    return rows
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", action="append", help="model directory (repeatable); default: the shipped tiny models")
+    p.add_argument("--task", action="append", choices=sorted(TASKS), help="task (repeatable); default: all")
+    p.add_argument("--calibration", type=Path, help="calibration file; default: MODEL/calibration.json")
+    p.add_argument("--n", type=int, default=1000, help="held-out test prompts per task")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """Evaluate, print the table, then the JSON line."""
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    models = [Path(m) for m in (args.model or [str(ROOT / s) for s in SHIPPED])]
+    tasks = args.task or list(TASKS)
+    print(f"{'model':12s} {'task':12s} {'rule':48s} {'acc':>7s} {'steps':>6s} / budget speedup")
+    results = [row for m in models for row in evaluate(m, tasks, args.n, args.calibration, args.seed)]
+    summary = {"results": results}
+    print(json.dumps(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,239 @@
+"""Train the tiny LLaDA and Dream models on the synthetic tasks with the masked-diffusion objective.
+
+    .venv/bin/python jobs/train_tiny.py --family llada --out checkpoints/tiny-llada
+    .venv/bin/python jobs/train_tiny.py --family dream --out checkpoints/tiny-dream
+
+Objective (LLaDA's): draw t ~ U[eps, 1] per row, mask each window position (answer and its EOS
+padding, of a length drawn per row up to --max-window; never the prompt) with probability t, cross-entropy on the masked positions weighted by
+1/t. Logits come from the adapter's own aligned `logits()` body, so Dream trains through its
+one-position shift exactly as it decodes. Fresh examples every step; everything is seeded.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from prophet.models import load_model, save_model  # noqa: E402
+from prophet.models.adapter import NativeAdapter  # noqa: E402
+from prophet.models.dream import DreamConfig, DreamModel  # noqa: E402
+from prophet.models.llada import LLaDAConfig, LLaDAModel  # noqa: E402
+from prophet.models.tokenizer import CHAR_TOKEN_IDS, char_tokenizer  # noqa: E402
+from prophet.tasks import TASKS, Example, Task, get_task  # noqa: E402
+from prophet.tasks.evaluation import run_task, task_config  # noqa: E402
+
+T_EPS = 1e-3  # floor of the masking ratio t (LLaDA's eps)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters of one run (all recorded next to the checkpoint)."""
+
+    family: str = "llada"
+    tasks: tuple[str, ...] = tuple(TASKS)
+    steps: int = 2000
+    batch: int = 128             # examples per task per step
+    lr: float = 2e-3
+    warmup: int = 100
+    final_lr_frac: float = 0.05  # cosine decays to this fraction of lr
+    weight_decay: float = 0.01
+    clip: float = 1.0
+    seed: int = 0
+    width: int = 128
+    layers: int = 4
+    heads: int = 4
+    kv_heads: int = 2            # Dream only (grouped KV like Qwen2); LLaDA uses full heads
+    mlp: int = 384
+    threads: int = 1
+    max_window: int = 32         # windows are drawn in [longest answer + 1, max_window] per row
+
+
+@dataclass
+class Batch:
+    """A left-padded batch of one task."""
+
+    ids: torch.Tensor        # (B, L) int64, clean tokens
+    attn: torch.Tensor       # (B, L) bool, False on left padding
+    window: torch.Tensor     # (B, L) bool, the generation window (answer + EOS padding)
+
+
+def build_module(cfg: TrainConfig, vocab_size: int, max_length: int) -> torch.nn.Module:
+    """A fresh tiny module of the family, sized by cfg, with the char tokenizer's ids."""
+    common = dict(vocab_size=vocab_size, rope_theta=10000.0, **CHAR_TOKEN_IDS)
+    if cfg.family == "llada":
+        return LLaDAModel(LLaDAConfig(d_model=cfg.width, n_heads=cfg.heads, n_layers=cfg.layers,
+                                      mlp_hidden_size=cfg.mlp, max_sequence_length=max_length, **common))
+    if cfg.family == "dream":
+        return DreamModel(DreamConfig(hidden_size=cfg.width, num_attention_heads=cfg.heads,
+                                      num_key_value_heads=cfg.kv_heads, num_hidden_layers=cfg.layers,
+                                      intermediate_size=cfg.mlp, max_position_embeddings=max_length,
+                                      max_length=max_length, **common))
+    raise ValueError(f"family={cfg.family!r}: choose 'llada' or 'dream'")
+
+
+def encode_batch(adapter: NativeAdapter, task: Task, examples: Sequence[Example],
+                 windows: Sequence[int] | None = None) -> Batch:
+    """Prompt + answer + EOS padding to each row's window (default the task's gen_length), left-padded."""
+    windows = windows or [task.budget.gen_length] * len(examples)
+    rows = []
+    for ex, w in zip(examples, windows):
+        answer = adapter.encode(ex.answer)
+        rows.append(adapter.encode(ex.prompt) + answer + [adapter.eos_id] * (w - len(answer)))
+    L = max(len(r) for r in rows)
+    ids = torch.full((len(rows), L), adapter.pad_id, dtype=torch.long)
+    attn = torch.zeros((len(rows), L), dtype=torch.bool)
+    window = torch.zeros((len(rows), L), dtype=torch.bool)
+    for i, (row, w) in enumerate(zip(rows, windows)):
+        ids[i, L - len(row):] = torch.tensor(row)
+        attn[i, L - len(row):] = True
+        window[i, L - w:] = True  # the window is the last w positions of the row
+    return Batch(ids, attn, window)
+
+
+def aligned_logits(adapter: NativeAdapter, ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+    """The adapter's logits() with autograd on: (B, L) -> aligned (B, L, V)."""
+    # NativeAdapter.logits runs under inference_mode (decoding never needs gradients); calling the
+    # wrapped body trains through exactly the code (and Dream shift) that decoding uses.
+    return type(adapter).logits.__wrapped__(adapter, ids, attn)
+
+
+def diffusion_loss(adapter: NativeAdapter, batch: Batch, gen: torch.Generator) -> torch.Tensor:
+    """Masked-diffusion loss: sum over masked positions of CE / t, divided by window positions."""
+    B, L = batch.ids.shape
+    t = T_EPS + (1 - T_EPS) * torch.rand(B, generator=gen)                       # (B,)
+    masked = batch.window & (torch.rand(B, L, generator=gen) < t[:, None])        # (B, L)
+    noisy = batch.ids.masked_fill(masked, adapter.mask_id)
+    logits = aligned_logits(adapter, noisy, batch.attn)                            # (B, L, V)
+    ce = F.cross_entropy(logits[masked].float(), batch.ids[masked], reduction="none")  # (M,)
+    weight = (1.0 / t)[:, None].expand(B, L)[masked]                               # (M,)
+    return (ce * weight).sum() / batch.window.sum()
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine from lr down to final_lr_frac * lr."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    floor = cfg.final_lr_frac
+    return cfg.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def save_copy(module: torch.nn.Module, tokenizer, out: str | Path, dtype: torch.dtype) -> Path:
+    """save_model of a copy cast to dtype (the training module keeps its fp32 weights)."""
+    name = f"tiny-{module.config.family}"
+    return save_model(copy.deepcopy(module).to(dtype), tokenizer, out, extra_config={"_name_or_path": name})
+
+
+def train(adapter: NativeAdapter, cfg: TrainConfig, log_every: int = 50,
+          save_every: int = 0, save_dir: str | Path | None = None) -> list[dict]:
+    """Run cfg.steps optimiser steps on fresh training-split examples; returns the loss log.
+
+    With save_every > 0, an fp32 snapshot goes to save_dir every save_every steps (to watch a long run).
+    """
+    module = adapter.module.train()
+    opt = torch.optim.AdamW(module.parameters(), lr=cfg.lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay)
+    rng, gen = random.Random(cfg.seed), torch.Generator().manual_seed(cfg.seed)
+    tasks = [get_task(n) for n in cfg.tasks]
+    log, start = [], time.perf_counter()
+    for step in range(cfg.steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        losses = {}
+        opt.zero_grad(set_to_none=True)
+        for task in tasks:
+            examples = [task.sample(rng, "train") for _ in range(cfg.batch)]
+            # Varied EOS padding: the model then decodes any gen_length up to max_window, not only
+            # the task budget's (the pipeline runs every task with one gen_length).
+            windows = [rng.randint(task.max_answer_len + 1, cfg.max_window) for _ in examples]
+            batch = encode_batch(adapter, task, examples, windows)
+            loss = diffusion_loss(adapter, batch, gen)
+            loss.backward()
+            losses[task.name] = round(float(loss.detach()), 4)
+        torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.clip)
+        opt.step()
+        if step % log_every == 0 or step == cfg.steps - 1:
+            entry = {"step": step, "seconds": round(time.perf_counter() - start, 1), **losses}
+            log.append(entry)
+            print(json.dumps(entry), flush=True)
+        if save_every and save_dir and (step + 1) % save_every == 0:
+            save_copy(module, adapter.tokenizer, save_dir, torch.float32)
+    module.eval()
+    return log
+
+
+def heldout_accuracy(model_dir: Path, task_names: Sequence[str], n: int) -> dict:
+    """Full and one-shot accuracy of the SAVED model (reloaded from disk) on n test prompts per task."""
+    model = load_model(model_dir)
+    out = {}
+    for name in task_names:
+        task = get_task(name)
+        examples = task.examples("test", n, seed=0)
+        full = task_config(model, task)
+        out[name] = {"n": n, "full": run_task(model, task, examples, full).accuracy,
+                     "one_shot": run_task(model, task, examples, replace(full, steps=1)).accuracy}
+    return out
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--family", choices=("llada", "dream"), required=True)
+    p.add_argument("--out", required=True, help="checkpoint directory to write")
+    p.add_argument("--steps", type=int, default=TrainConfig.steps)
+    p.add_argument("--batch", type=int, default=TrainConfig.batch, help="examples per task per step")
+    p.add_argument("--seed", type=int, default=TrainConfig.seed)
+    p.add_argument("--max-window", type=int, default=TrainConfig.max_window,
+                   help="longest generation window trained (answer + EOS padding)")
+    p.add_argument("--warmup", type=int, default=TrainConfig.warmup, help="linear warm-up steps")
+    p.add_argument("--threads", type=int, default=TrainConfig.threads, help="torch intra-op threads")
+    p.add_argument("--tasks", default=",".join(TrainConfig.tasks))
+    p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="dtype of the saved weights")
+    p.add_argument("--save-every", type=int, default=0, help="also write an fp32 snapshot to "
+                   "OUT/snapshot every N steps (0 = never)")
+    p.add_argument("--eval-n", type=int, default=500, help="held-out test prompts per task for the final "
+                   "full-decoding accuracy (0 = skip)")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """Train, save with save_model, reload from disk and record the held-out accuracy."""
+    args = parse_args(argv)
+    cfg = TrainConfig(family=args.family, steps=args.steps, batch=args.batch, seed=args.seed, warmup=args.warmup,
+                      max_window=args.max_window,
+                      threads=args.threads, tasks=tuple(args.tasks.split(",")))
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    tokenizer = char_tokenizer()
+    module = build_module(cfg, tokenizer.vocab_size, max_length=128)
+    adapter = NativeAdapter(module, tokenizer, name=f"tiny-{cfg.family}")
+    params = sum(p.numel() for p in module.parameters())
+    print(f"tiny-{cfg.family}: {params:,} parameters, {cfg.steps} steps, {cfg.threads} thread(s)", flush=True)
+    start = time.perf_counter()
+    log = train(adapter, cfg, save_every=args.save_every, save_dir=Path(args.out) / "snapshot")
+    seconds = time.perf_counter() - start
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    out = save_copy(module, tokenizer, args.out, dtype)
+    record = {"command": "jobs/train_tiny.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "config": cfg.__dict__, "parameters": params, "train_seconds": round(seconds, 1),
+              "saved_dtype": args.dtype, "final_loss": log[-1], "torch": torch.__version__}
+    if args.eval_n:
+        record["heldout_accuracy"] = heldout_accuracy(out, cfg.tasks, args.eval_n)
+    (Path(out) / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+    print(json.dumps(record))
+    return record
+
+
+if __name__ == "__main__":
+    main()
