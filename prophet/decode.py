@@ -1,0 +1,439 @@
+"""Fast batched decoding with continuous batching (SPEC sections 1-3).
+
+`config.batch_size` slots share one forward pass per step. Prompts are left-padded to the widest
+row in the pass, so every row's generation window is the last `gen_length` columns. Each row
+carries its own step counter, block index and schedule; a row that finishes (early commit, no
+mask left, or budget spent) leaves the pass and a waiting prompt takes its slot. With
+`config.continuous=False` finished rows stay frozen in the pass until their whole batch is done
+(the benchmark's baseline); results are identical either way.
+
+Semantics shared with the oracle (`prophet.reference`), for the cases SPEC leaves open:
+- Candidates of a step are the masked positions of the row's current block (LLaDA) or of the
+  window (Dream, one block of `steps` steps). A block with no mask left is left at once, before
+  its budget is spent: its leftover steps are skipped (saved) but count as consumed for progress.
+- Progress p = schedule steps consumed / `steps` (blocks before the current one count in full).
+- `commit_step` is the 1-based forward pass at which Prophet went all in (= steps_used).
+- Gaps are taken on the logits the step uses: Dream-aligned, CFG-mixed and with the EOS ban
+  applied; the all-in fill is their argmax (not a temperature sample).
+- Region `anchor` monitors all `answer_window` positions after the anchor's free slot, masked or
+  not (the paper's mode); regions `window` and `block` only still-masked positions. An empty
+  region never commits.
+- The anchor is written once: committed positions never change and the all-in fill writes
+  masked positions only, so re-applying it after each step would be a no-op.
+- `confidence_eos_eot_inf`: positions whose proposed token is EOS/EoT rank after all others
+  (committed last) and never pass a parallel rule's threshold.
+- `gap_parallel` and `confidence_threshold` also commit ceil(masks left / steps left) per step,
+  so a block always finishes within its budget. `confidence_threshold` replaces the host's
+  schedule (Fast-dLLM); `gap_parallel` adds to it. Probabilities are the host's own: LLaDA's
+  softmax of the logits, Dream's tempered/filtered sampling distribution.
+- Dream `origin` reveals each candidate with probability 1 - t_s/t_i; where a rule needs more,
+  the lowest uniforms (the next to be revealed) go first.
+- Rows with NaN/inf logits stop at that step with `nonfinite` set and their window as it was.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from prophet.config import ConfigError, DecodeConfig
+from prophet.rules import (Noise, budget_floor, cfg_mix, compact, count_generated, draw_noise, dream_confidence,
+                           dream_probs, gumbel_argmax, gumbel_perturb, pool_gaps, prophet_decision, rank_desc,
+                           sample_from_probs, select_positions, softmax_of, top2_gap)
+from prophet.schedules import dream_schedule, dream_transfer_fraction, llada_schedule, prophet_tau
+from prophet.types import DLM, DecodeResult
+
+# ---------------------------------------------------------------------------------------------
+# Shared with the oracle: request checks, seeds, result assembly
+
+
+def validate_request(model: DLM, prompts: Sequence[Sequence[int]], config: DecodeConfig) -> list[list[int]]:
+    """Refuse, before any forward pass, what cannot be decoded; return the prompts as int lists."""
+    if model.pad_id == model.mask_id:
+        raise ConfigError(f"model.pad_id equals model.mask_id ({model.mask_id}): padding would read as masks; "
+                          "give the adapter a pad id distinct from its mask id")
+    vocab = model.vocab_size
+    for t in config.anchor_ids:
+        if not 0 <= t < vocab or t == model.mask_id:
+            raise ConfigError(f"anchor_ids holds {t}, which is the mask id or outside the vocabulary [0, {vocab}): "
+                              "encode the anchor text with this model's tokenizer")
+    out = []
+    for i, p in enumerate(prompts):
+        ids = p.tolist() if isinstance(p, torch.Tensor) else [int(t) for t in p]
+        if not ids:
+            raise ConfigError(f"prompts[{i}] is empty: give every prompt at least one token")
+        if len(ids) + config.gen_length > model.max_length:
+            raise ConfigError(f"prompts[{i}] has {len(ids)} tokens; with gen_length={config.gen_length} that exceeds "
+                              f"model.max_length={model.max_length}: shorten the prompt or lower gen_length")
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise ConfigError(f"prompts[{i}] holds a token id outside the vocabulary [0, {vocab}): "
+                              "encode it with this model's tokenizer")
+        out.append(ids)
+    return out
+
+
+def resolve_seeds(n: int, generator: torch.Generator | None, seeds: Sequence[int] | None) -> list[int]:
+    """One seed per row: `seeds` as given, else drawn from `generator`, else 0..n-1."""
+    if seeds is not None:
+        if len(seeds) != n:
+            raise ConfigError(f"seeds has {len(seeds)} entries for {n} prompts: give one seed per prompt")
+        return [int(s) for s in seeds]
+    if generator is not None:
+        return torch.randint(0, 2**62, (n,), generator=generator, device=generator.device).tolist()
+    return list(range(n))
+
+
+def row_generator(seed: int, device: torch.device) -> torch.Generator:
+    """The generator every random draw of one row comes from."""
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def initial_window(config: DecodeConfig, mask_id: int, device: torch.device) -> torch.Tensor:
+    """(G,) the canvas a row starts from: all masks, with the anchor written at its offset."""
+    window = torch.full((config.gen_length,), mask_id, dtype=torch.long, device=device)
+    if config.anchor_ids:
+        a = config.anchor_start
+        window[a:a + len(config.anchor_ids)] = torch.tensor(config.anchor_ids, device=device)
+    return window
+
+
+def monitored_slice(config: DecodeConfig) -> slice:
+    """Window positions of region 'anchor': answer_window positions one slot after the anchor."""
+    lo = config.anchor_start + len(config.anchor_ids) + 1
+    return slice(lo, lo + config.answer_window)
+
+
+def stop_ids(model: DLM) -> tuple[int, ...]:
+    """EOS and, where the model has one, end-of-turn."""
+    return (model.eos_id,) if model.eot_id is None else (model.eos_id, model.eot_id)
+
+
+def make_result(model: DLM, tokens: torch.Tensor, steps_used: torch.Tensor, committed_early: torch.Tensor,
+                commit_step: torch.Tensor, commit_gap: torch.Tensor, nonfinite: torch.Tensor,
+                decode_seconds: torch.Tensor, forward_rows: int) -> DecodeResult:
+    """Assemble the typed result (num_generated counted up to the first EOS/EoT)."""
+    return DecodeResult(tokens=tokens, steps_used=steps_used, committed_early=committed_early,
+                        commit_step=commit_step, commit_gap=commit_gap,
+                        num_generated=count_generated(tokens, stop_ids(model)), nonfinite=nonfinite,
+                        decode_seconds=decode_seconds, forward_rows=forward_rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fast path: plan, slots, one step
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What all rows of a call share: ids, window layout, blocks and their mask counts at entry."""
+
+    cfg: DecodeConfig
+    mask_id: int
+    pad_id: int
+    stops: tuple[int, ...]
+    S: int                     # steps per block
+    nb: int                    # blocks (1 for Dream)
+    init_window: torch.Tensor  # (G,) masks and anchor
+    block_of: torch.Tensor     # (G,) block index of each window position
+    block_n0: torch.Tensor     # (nb,) masked positions of each block at entry
+    next_block: torch.Tensor   # (nb + 2,) first block >= b that has masks; nb where none
+
+    @staticmethod
+    def build(cfg: DecodeConfig, model: DLM, device: torch.device) -> "_Plan":
+        """Plan for one decode call."""
+        nb = cfg.num_blocks
+        init = initial_window(cfg, model.mask_id, device)
+        block_of = torch.arange(cfg.gen_length, device=device) // (cfg.gen_length // nb)
+        n0 = torch.zeros(nb, dtype=torch.long, device=device).index_add_(0, block_of, (init == model.mask_id).long())
+        has = [int(v) > 0 for v in n0.tolist()] + [True, True]  # sentinels at nb, nb + 1
+        nxt = [next(j for j in range(b, nb + 2) if has[j]) for b in range(nb + 2)]
+        return _Plan(cfg, model.mask_id, model.pad_id, stop_ids(model), cfg.steps // nb, nb, init, block_of, n0,
+                     torch.tensor([min(j, nb) for j in nxt], device=device))
+
+    def fresh_state(self, n: int) -> dict[str, torch.Tensor]:
+        """Per-row device state of n newly admitted rows."""
+        dev = self.init_window.device
+        zeros = torch.zeros(n, dtype=torch.long, device=dev)
+        return {"canvas": self.init_window.expand(n, -1).clone(),
+                "block": self.next_block[zeros],   # first block with masks
+                "sstep": zeros.clone(),            # schedule steps consumed in the current block
+                "used": zeros.clone(),             # forward passes spent
+                "live": torch.ones(n, dtype=torch.bool, device=dev),
+                "early": torch.zeros(n, dtype=torch.bool, device=dev),
+                "cstep": zeros - 1,
+                "cgap": torch.full((n,), float("nan"), device=dev),
+                "bad": torch.zeros(n, dtype=torch.bool, device=dev)}
+
+    def first_candidates(self) -> int:
+        """Candidates of a fresh row at its first step (host int, for noise shapes)."""
+        return int(self.block_n0[self.next_block[0]])
+
+
+@dataclass
+class _Slot:
+    """Host bookkeeping of one row in the pass."""
+
+    row: int                    # index in the input
+    gen: torch.Generator
+    prompt: torch.Tensor        # (P_i,) on the model's device
+    n_cand: int                 # candidates at the next step (0 once finished)
+    n_masked: int               # masked window positions at the next step
+    t0: float                   # admission time
+    done: bool = False          # finished (frozen in the pass when batching is static)
+
+
+class _Batch:
+    """The rows in the forward pass: slots on the host, left-padded prompts and state on the device."""
+
+    def __init__(self, plan: _Plan, device: torch.device) -> None:
+        self.plan, self.device = plan, device
+        self.slots: list[_Slot] = []
+        self.prompt_ids = torch.empty(0, 0, dtype=torch.long, device=device)  # (B, P)
+        self.prompt_real = torch.empty(0, 0, dtype=torch.bool, device=device)  # (B, P), False on pads
+        self.t = {k: v[:0] for k, v in plan.fresh_state(0).items()}
+
+    def keep(self, idx: list[int]) -> None:
+        """Keep the slots at idx, dropping prompt columns that became padding for every row."""
+        ix = torch.tensor(idx, dtype=torch.long, device=self.device)
+        self.slots = [self.slots[i] for i in idx]
+        self.t = {k: v.index_select(0, ix) for k, v in self.t.items()}
+        cut = self.prompt_ids.shape[1] - max((s.prompt.numel() for s in self.slots), default=0)
+        self.prompt_ids = self.prompt_ids.index_select(0, ix)[:, cut:]
+        self.prompt_real = self.prompt_real.index_select(0, ix)[:, cut:]
+
+    def add(self, slots: list[_Slot]) -> None:
+        """Append newly admitted rows, widening the left padding if a new prompt is longer."""
+        width = max([self.prompt_ids.shape[1]] + [s.prompt.numel() for s in slots])
+        grow = width - self.prompt_ids.shape[1]
+        ids = torch.full((len(self.slots) + len(slots), width), self.plan.pad_id, device=self.device)
+        real = torch.zeros(ids.shape, dtype=torch.bool, device=self.device)
+        ids[:len(self.slots), grow:] = self.prompt_ids
+        real[:len(self.slots), grow:] = self.prompt_real
+        for i, s in enumerate(slots, start=len(self.slots)):
+            ids[i, width - s.prompt.numel():] = s.prompt
+            real[i, width - s.prompt.numel():] = True
+        self.prompt_ids, self.prompt_real = ids, real
+        fresh = self.plan.fresh_state(len(slots))
+        self.t = {k: torch.cat([v, fresh[k]]) for k, v in self.t.items()}
+        self.slots += slots
+
+    def noise(self, width: int, vocab: int) -> Noise:
+        """(B, width[, V]) uniforms: row i's own draws in its first n_cand slots, 0.5 elsewhere."""
+        cfg, B = self.plan.cfg, len(self.slots)
+        token = position = None
+        for i, s in enumerate(self.slots):
+            if s.n_cand == 0:
+                continue
+            d = draw_noise(s.gen, s.n_cand, vocab, cfg, self.device)
+            if d.token is not None:
+                if token is None:
+                    token = torch.full((B, width, vocab), 0.5, dtype=torch.float64, device=self.device)
+                token[i, :s.n_cand] = d.token
+            if d.position is not None:
+                if position is None:
+                    position = torch.full((B, width), 0.5, device=self.device)
+                position[i, :s.n_cand] = d.position
+        return Noise(token, position)
+
+
+def _window_logits(model: DLM, batch: _Batch) -> torch.Tensor:
+    """One forward pass (both CFG passes stacked) -> (B, G, V) float32 window logits."""
+    cfg, canvas = batch.plan.cfg, batch.t["canvas"]
+    B, G = canvas.shape
+    attn = torch.cat([batch.prompt_real, torch.ones_like(canvas, dtype=torch.bool)], 1)  # (B, P + G)
+    ids = torch.cat([batch.prompt_ids, canvas], 1)
+    if cfg.cfg_scale <= 0:
+        return model.logits(ids, attn)[:, -G:].float()
+    # unconditional pass: the row's real prompt positions masked, pads left as pads
+    uncond = torch.cat([torch.where(batch.prompt_real, batch.plan.mask_id, batch.prompt_ids), canvas], 1)
+    out = model.logits(torch.cat([ids, uncond]), torch.cat([attn, attn]))[:, -G:].float()  # (2B, G, V)
+    return cfg_mix(out[:B], out[B:], cfg.cfg_scale)
+
+
+def _prophet_gaps(batch: _Batch, lw: torch.Tensor, lc: torch.Tensor, valid: torch.Tensor,
+                  masked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gaps (B, W) and region mask (B, W) of the monitored region, sliced before any top-k over V."""
+    plan = batch.plan
+    region = plan.cfg.region
+    if region == "anchor":
+        gaps = top2_gap(lw[:, monitored_slice(plan.cfg)])
+        return gaps, torch.ones_like(gaps, dtype=torch.bool)
+    if region == "block" or plan.nb == 1:  # the block's masked positions are this step's candidates
+        return top2_gap(lc), valid
+    width = max(1, max(s.n_masked for s in batch.slots))
+    idx, mvalid = compact(masked, width)
+    return top2_gap(lw.gather(1, idx[..., None].expand(-1, -1, lw.shape[-1]))), mvalid
+
+
+def _propose(plan: _Plan, t: dict[str, torch.Tensor], lc: torch.Tensor, valid: torch.Tensor, noise: Noise,
+             tau: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Host proposal and commit rule on the candidates: (B, C, V) logits -> tokens x0 and selection (B, C)."""
+    cfg = plan.cfg
+    n = valid.sum(-1)  # (B,) candidates left
+    sstep = t["sstep"].clamp(max=plan.S - 1)  # finished (frozen) rows may sit past the budget
+    reveal = None
+    if cfg.host == "llada":
+        x0 = lc.argmax(-1) if cfg.temperature == 0 else gumbel_argmax(lc, noise.token, cfg.temperature)
+        prob = softmax_of(lc, x0)
+        key = prob if cfg.remasking == "low_confidence" else noise.position
+        n0 = plan.block_n0[t["block"].clamp(max=plan.nb - 1)]
+        k = llada_schedule(n0, plan.S).gather(1, sstep[:, None])[:, 0]
+    else:
+        probs = dream_probs(lc, cfg.temperature, cfg.top_p, cfg.top_k)
+        x0 = probs.argmax(-1) if cfg.temperature == 0 else sample_from_probs(probs, noise.token)
+        prob = probs.gather(-1, x0[..., None])[..., 0]
+        if cfg.alg == "origin":
+            key, k = -noise.position, torch.zeros_like(n)
+            reveal = noise.position < dream_transfer_fraction(sstep, cfg.steps, cfg.eps)[:, None]
+        else:
+            key = dream_confidence(probs, x0, cfg.alg)
+            if cfg.alg_temp > 0:
+                key = gumbel_perturb(key, noise.position, cfg.alg_temp)
+            k = dream_schedule(n, sstep, cfg.steps, cfg.eps)
+    demoted = torch.zeros_like(valid)
+    if cfg.confidence_eos_eot_inf:
+        demoted = torch.isin(x0, torch.tensor(plan.stops, device=x0.device))
+    floor = budget_floor(n, plan.S - sstep)
+    if cfg.rule == "gap_parallel":
+        k = torch.maximum(k, floor)
+        passing = (top2_gap(lc).double() >= tau[:, None]) & ~demoted
+        reveal = passing if reveal is None else reveal | passing
+    elif cfg.rule == "confidence_threshold":
+        k = floor.clamp(min=1)
+        reveal = (prob.double() > cfg.confidence) & ~demoted  # float64: the threshold as written
+    tier = torch.where(valid, 2 - demoted.long(), 0)
+    return x0, select_positions(rank_desc(key, tier), valid, k, reveal)
+
+
+def _step(model: DLM, batch: _Batch) -> list[list[int]]:
+    """One forward pass and one update of every live row; returns per row [finished, n_cand, n_masked].
+
+    The returned list is the step's single host synchronisation.
+    """
+    plan, t = batch.plan, batch.t
+    cfg = plan.cfg
+    lw = _window_logits(model, batch)  # (B, G, V)
+    V = lw.shape[-1]
+    bad = t["live"] & ~torch.isfinite(lw).flatten(1).all(1)
+    lw = torch.where(bad[:, None, None], 0.0, lw)
+    if cfg.logits_eos_inf:
+        lw[..., model.eos_id] = float("-inf")
+    t["used"] += t["live"].long()
+    live = t["live"] & ~bad
+    masked = t["canvas"] == plan.mask_id  # (B, G)
+    in_block = plan.block_of[None, :] == t["block"][:, None]
+    idx, valid = compact(masked & in_block & live[:, None], max(1, max(s.n_cand for s in batch.slots)))
+    lc = lw.gather(1, idx[..., None].expand(-1, -1, V))  # (B, C, V) candidate logits
+    tau = prophet_tau(t["block"] * plan.S + t["sstep"], cfg.steps, cfg.thresholds)
+    commit = torch.zeros_like(live)
+    if cfg.rule == "prophet":
+        gaps, region = _prophet_gaps(batch, lw, lc, valid, masked & live[:, None])
+        pooled = pool_gaps(gaps, region, cfg.statistic, cfg.quantile)
+        commit = live & prophet_decision(pooled, tau)
+        t["canvas"] = torch.where(commit[:, None] & masked, lw.argmax(-1), t["canvas"])
+        t["early"] |= commit
+        t["cstep"] = torch.where(commit, t["used"], t["cstep"])
+        t["cgap"] = torch.where(commit, pooled, t["cgap"])
+        valid = valid & ~commit[:, None]
+    x0, sel = _propose(plan, t, lc, valid, batch.noise(idx.shape[1], V), tau)
+    t["canvas"].scatter_(1, idx, torch.where(sel, x0, t["canvas"].gather(1, idx)))
+    return _advance(batch, live, bad, commit)
+
+
+def _advance(batch: _Batch, live: torch.Tensor, bad: torch.Tensor, commit: torch.Tensor) -> list[list[int]]:
+    """Move live rows along their schedule (next block when the block is empty or spent); flag finished rows."""
+    plan, t = batch.plan, batch.t
+    t["bad"] |= bad
+    t["sstep"] += live.long()
+    masked = t["canvas"] == plan.mask_id
+    block_left = (masked & (plan.block_of[None, :] == t["block"][:, None])).sum(1)
+    move = live & ((block_left == 0) | (t["sstep"] >= plan.S))
+    t["block"] = torch.where(move, plan.next_block[t["block"] + 1], t["block"])
+    t["sstep"] = torch.where(move, 0, t["sstep"])
+    n_masked = masked.sum(1)
+    finished = t["live"] & (bad | commit | (n_masked == 0) | (t["block"] >= plan.nb))
+    t["live"] &= ~finished
+    n_cand = (masked & (plan.block_of[None, :] == t["block"][:, None]) & t["live"][:, None]).sum(1)
+    return torch.stack([finished.long(), n_cand, n_masked], 1).tolist()
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+class _Outputs:
+    """Per-row results, filled as rows finish."""
+
+    def __init__(self, n: int, plan: _Plan, device: torch.device) -> None:
+        G = plan.init_window.numel()
+        self.tokens = torch.zeros(n, G, dtype=torch.long, device=device)
+        fresh = plan.fresh_state(0)
+        self.state = {k: fresh[k].new_zeros((n,)) for k in ("used", "early", "cstep", "cgap", "bad")}
+        self.seconds = torch.zeros(n, dtype=torch.float64)
+
+    def record(self, batch: _Batch, idx: list[int], now: float) -> None:
+        """Copy the finished batch rows idx into their input positions."""
+        ix = torch.tensor(idx, dtype=torch.long, device=batch.device)
+        rows = torch.tensor([batch.slots[i].row for i in idx], dtype=torch.long, device=batch.device)
+        self.tokens.index_copy_(0, rows, batch.t["canvas"].index_select(0, ix))
+        for k, v in self.state.items():
+            v.index_copy_(0, rows, batch.t[k].index_select(0, ix))
+        for i in idx:
+            self.seconds[batch.slots[i].row] = now - batch.slots[i].t0
+
+
+@torch.no_grad()
+def decode(model: DLM, prompts: Sequence[Sequence[int]], config: DecodeConfig,
+           generator: torch.Generator | None = None, seeds: Sequence[int] | None = None) -> DecodeResult:
+    """Decode every prompt with continuous batching; rows come back in input order."""
+    prompts = validate_request(model, prompts, config)
+    seeds = resolve_seeds(len(prompts), generator, seeds)
+    device = torch.device(model.device)
+    plan = _Plan.build(config, model, device)
+    out = _Outputs(len(prompts), plan, device)
+    batch = _Batch(plan, device)
+    waiting = deque(range(len(prompts)))
+    passes = 2 if config.cfg_scale > 0 else 1
+    forward_rows = 0
+    while waiting or batch.slots:
+        if config.continuous or not batch.slots:
+            _admit(batch, waiting, prompts, seeds)
+        forward_rows += passes * len(batch.slots)
+        info = _step(model, batch)
+        _retire(batch, info, out, config.continuous)
+    s = out.state
+    return make_result(model, out.tokens, s["used"], s["early"], s["cstep"], s["cgap"].float(), s["bad"],
+                       out.seconds, forward_rows)
+
+
+def _admit(batch: _Batch, waiting: deque, prompts: list[list[int]], seeds: list[int]) -> None:
+    """Fill free slots with waiting prompts."""
+    n_free = min(batch.plan.cfg.batch_size - len(batch.slots), len(waiting))
+    if n_free <= 0:
+        return
+    first = batch.plan.first_candidates()
+    n_masked = int((batch.plan.init_window == batch.plan.mask_id).sum())
+    now = time.perf_counter()
+    new = []
+    for _ in range(n_free):
+        r = waiting.popleft()
+        new.append(_Slot(r, row_generator(seeds[r], batch.device),
+                         torch.tensor(prompts[r], dtype=torch.long, device=batch.device), first, n_masked, now))
+    batch.add(new)
+
+
+def _retire(batch: _Batch, info: list[list[int]], out: _Outputs, continuous: bool) -> None:
+    """Record finished rows; drop them (continuous) or leave them frozen until the batch is done."""
+    now = time.perf_counter()
+    done = [i for i, (fin, _, _) in enumerate(info) if fin]
+    if done:
+        out.record(batch, done, now)
+    for s, (fin, n_cand, n_masked) in zip(batch.slots, info):
+        s.n_cand, s.n_masked, s.done = n_cand, n_masked, s.done or bool(fin)
+    if continuous:
+        if done:
+            batch.keep([i for i, s in enumerate(batch.slots) if not s.done])
+    elif all(s.done for s in batch.slots):
+        batch.keep([])

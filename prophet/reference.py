@@ -1,0 +1,165 @@
+"""The slow oracle: each prompt decoded alone, no padding, no slots, SPEC sections 1-2 step by step.
+
+`prophet.decode.decode` must match it token for token. It uses the same per-position math
+(`prophet.rules`, unit-tested on their own) and the same per-row random draws, but its own loop,
+schedule arithmetic and selection (a Python sort), so that the batching machinery, the per-row
+state and the commit rules are checked against a plain reading of SPEC. The cases SPEC leaves
+open are decided in `prophet.decode`'s module docstring; this file follows the same decisions.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from prophet.config import DecodeConfig
+from prophet.decode import (initial_window, make_result, monitored_slice, resolve_seeds, row_generator, stop_ids,
+                            validate_request)
+from prophet.rules import (cfg_mix, draw_noise, dream_confidence, dream_probs, gumbel_argmax, gumbel_perturb,
+                           pool_gaps, sample_from_probs, softmax_of, top2_gap)
+from prophet.types import DLM, DecodeResult
+
+
+@dataclass
+class _Row:
+    """One row's outcome."""
+
+    tokens: torch.Tensor
+    steps_used: int = 0
+    committed_early: bool = False
+    commit_step: int = -1
+    commit_gap: float = float("nan")
+    nonfinite: bool = False
+    seconds: float = 0.0
+
+
+@torch.no_grad()
+def decode_reference(model: DLM, prompts: Sequence[Sequence[int]], config: DecodeConfig,
+                     generator: torch.Generator | None = None, seeds: Sequence[int] | None = None) -> DecodeResult:
+    """Decode each prompt on its own (batch of one); same signature and result as `decode`."""
+    prompts = validate_request(model, prompts, config)
+    seeds = resolve_seeds(len(prompts), generator, seeds)
+    device = torch.device(model.device)
+    rows = [_decode_row(model, p, config, seed, device) for p, seed in zip(prompts, seeds)]
+    passes = 2 if config.cfg_scale > 0 else 1
+    tokens = (torch.stack([r.tokens for r in rows]) if rows
+              else torch.zeros(0, config.gen_length, dtype=torch.long, device=device))
+    return make_result(
+        model, tokens,
+        steps_used=torch.tensor([r.steps_used for r in rows], dtype=torch.long, device=device),
+        committed_early=torch.tensor([r.committed_early for r in rows], dtype=torch.bool, device=device),
+        commit_step=torch.tensor([r.commit_step for r in rows], dtype=torch.long, device=device),
+        commit_gap=torch.tensor([r.commit_gap for r in rows], dtype=torch.float32, device=device),
+        nonfinite=torch.tensor([r.nonfinite for r in rows], dtype=torch.bool, device=device),
+        decode_seconds=torch.tensor([r.seconds for r in rows], dtype=torch.float64),
+        forward_rows=passes * sum(r.steps_used for r in rows))
+
+
+def _decode_row(model: DLM, prompt: list[int], cfg: DecodeConfig, seed: int, device: torch.device) -> _Row:
+    """LLaDA's block loop (Dream = one block of `steps` steps) with the commit rule, for one prompt."""
+    t0 = time.perf_counter()
+    gen = row_generator(seed, device)
+    prompt_t = torch.tensor(prompt, dtype=torch.long, device=device)
+    window = initial_window(cfg, model.mask_id, device)
+    row = _Row(window)
+    G, nb = cfg.gen_length, cfg.num_blocks
+    S, BL = cfg.steps // nb, G // nb
+    for b in range(nb):
+        in_block = torch.zeros(G, dtype=torch.bool, device=device)
+        in_block[b * BL:(b + 1) * BL] = True
+        n0 = int((window[in_block] == model.mask_id).sum())  # LLaDA's schedule is fixed at block entry
+        for s in range(S):
+            masked = window == model.mask_id
+            cand = masked & in_block
+            if not cand.any():
+                break  # block done before its budget: skip its leftover steps
+            logits = _window_logits(model, prompt_t, window, cfg)  # (G, V)
+            row.steps_used += 1
+            if not torch.isfinite(logits).all():
+                row.nonfinite = True
+                break
+            if cfg.logits_eos_inf:
+                logits[:, model.eos_id] = float("-inf")
+            p = (b * S + s) / cfg.steps
+            tau = cfg.thresholds[0] if p < 1 / 3 else cfg.thresholds[1] if p < 2 / 3 else cfg.thresholds[2]
+            if cfg.rule == "prophet":
+                g = _pooled_gap(logits, masked, cand, cfg)
+                if g >= tau:  # go all in: every masked position of the window, later blocks too
+                    window[masked] = logits.argmax(-1)[masked]
+                    row.committed_early, row.commit_step, row.commit_gap = True, row.steps_used, g
+                    break
+            _update(window, logits, cand, cfg, gen, model, n0=n0, s=s, S=S, tau=tau)
+        if row.committed_early or row.nonfinite:
+            break
+    row.seconds = time.perf_counter() - t0
+    return row
+
+
+def _window_logits(model: DLM, prompt: torch.Tensor, window: torch.Tensor, cfg: DecodeConfig) -> torch.Tensor:
+    """(G, V) float32 logits of the window; with CFG a second pass with the prompt masked."""
+    ids = torch.cat([prompt, window])[None]  # (1, L)
+    attn = torch.ones_like(ids, dtype=torch.bool)
+    cond = model.logits(ids, attn)[0, -cfg.gen_length:].float()
+    if cfg.cfg_scale <= 0:
+        return cond
+    uncond_ids = ids.clone()
+    uncond_ids[0, :prompt.numel()] = model.mask_id
+    uncond = model.logits(uncond_ids, attn)[0, -cfg.gen_length:].float()
+    return cfg_mix(cond, uncond, cfg.cfg_scale)
+
+
+def _pooled_gap(logits: torch.Tensor, masked: torch.Tensor, cand: torch.Tensor, cfg: DecodeConfig) -> float:
+    """Prophet's G over the monitored region (gaps taken only there)."""
+    if cfg.region == "anchor":
+        gaps = top2_gap(logits[monitored_slice(cfg)])
+    elif cfg.region == "window":
+        gaps = top2_gap(logits[masked])
+    else:  # block: the masked positions of the current block
+        gaps = top2_gap(logits[cand])
+    return float(pool_gaps(gaps[None], torch.ones_like(gaps[None], dtype=torch.bool), cfg.statistic, cfg.quantile))
+
+
+def _update(window: torch.Tensor, logits: torch.Tensor, cand: torch.Tensor, cfg: DecodeConfig,
+            gen: torch.Generator, model: DLM, *, n0: int, s: int, S: int, tau: float) -> None:
+    """The host's normal step on one row: propose tokens for the candidates, commit the chosen ones."""
+    pos = cand.nonzero().flatten()  # candidate positions, ascending
+    n = pos.numel()
+    lc = logits[pos]  # (n, V)
+    noise = draw_noise(gen, n, lc.shape[-1], cfg, window.device)
+    reveal = [False] * n
+    if cfg.host == "llada":
+        x0 = lc.argmax(-1) if cfg.temperature == 0 else gumbel_argmax(lc, noise.token, cfg.temperature)
+        prob = softmax_of(lc, x0)
+        score = prob if cfg.remasking == "low_confidence" else noise.position
+        k = n0 // S + (1 if s < n0 % S else 0)
+    else:
+        probs = dream_probs(lc, cfg.temperature, cfg.top_p, cfg.top_k)
+        x0 = probs.argmax(-1) if cfg.temperature == 0 else sample_from_probs(probs, noise.token)
+        prob = probs[torch.arange(n), x0]
+        ts = torch.linspace(1, cfg.eps, cfg.steps + 1, device=window.device)
+        last = s == cfg.steps - 1
+        if cfg.alg == "origin":
+            score, k = -noise.position, 0
+            reveal = (noise.position < (1 if last else 1 - ts[s + 1] / ts[s])).tolist()
+        else:
+            score = dream_confidence(probs, x0, cfg.alg)
+            if cfg.alg_temp > 0:
+                score = gumbel_perturb(score, noise.position, cfg.alg_temp)
+            k = n if last else int(n * (1 - ts[s + 1] / ts[s]))
+    stops = stop_ids(model)
+    demoted = [cfg.confidence_eos_eot_inf and t in stops for t in x0.tolist()]
+    need = math.ceil(n / (S - s))  # what still empties the block within its budget
+    if cfg.rule == "gap_parallel":
+        k = max(k, need)
+        reveal = [r or (g >= tau and not d) for r, g, d in zip(reveal, top2_gap(lc).tolist(), demoted)]
+    elif cfg.rule == "confidence_threshold":
+        k = max(1, need)
+        reveal = [p > cfg.confidence and not d for p, d in zip(prob.tolist(), demoted)]
+    scores = score.tolist()
+    order = sorted(range(n), key=lambda j: (demoted[j], -scores[j]))  # stable: ties keep position order
+    chosen = set(order[:k]) | {j for j in range(n) if reveal[j]}
+    for j in chosen:
+        window[pos[j]] = x0[j]
