@@ -139,6 +139,8 @@ class _Plan:
     block_of: torch.Tensor     # (G,) block index of each window position
     block_n0: torch.Tensor     # (nb,) masked positions of each block at entry
     next_block: torch.Tensor   # (nb + 2,) first block >= b that has masks; nb where none
+    first_cand: int            # candidates of a fresh row at its first step (host int, for noise shapes)
+    init_masked: int           # masked window positions of a fresh row
 
     @staticmethod
     def build(cfg: DecodeConfig, model: DLM, device: torch.device) -> "_Plan":
@@ -147,10 +149,11 @@ class _Plan:
         init = initial_window(cfg, model.mask_id, device)
         block_of = torch.arange(cfg.gen_length, device=device) // (cfg.gen_length // nb)
         n0 = torch.zeros(nb, dtype=torch.long, device=device).index_add_(0, block_of, (init == model.mask_id).long())
-        has = [int(v) > 0 for v in n0.tolist()] + [True, True]  # sentinels at nb, nb + 1
-        nxt = [next(j for j in range(b, nb + 2) if has[j]) for b in range(nb + 2)]
+        counts = n0.tolist()
+        has = [c > 0 for c in counts] + [True, True]  # sentinels at nb, nb + 1
+        nxt = [min(nb, next(j for j in range(b, nb + 2) if has[j])) for b in range(nb + 2)]
         return _Plan(cfg, model.mask_id, model.pad_id, stop_ids(model), cfg.steps // nb, nb, init, block_of, n0,
-                     torch.tensor([min(j, nb) for j in nxt], device=device))
+                     torch.tensor(nxt, device=device), first_cand=counts[nxt[0]], init_masked=sum(counts))
 
     def fresh_state(self, n: int) -> dict[str, torch.Tensor]:
         """Per-row device state of n newly admitted rows."""
@@ -165,10 +168,6 @@ class _Plan:
                 "cstep": zeros - 1,
                 "cgap": torch.full((n,), float("nan"), device=dev),
                 "bad": torch.zeros(n, dtype=torch.bool, device=dev)}
-
-    def first_candidates(self) -> int:
-        """Candidates of a fresh row at its first step (host int, for noise shapes)."""
-        return int(self.block_n0[self.next_block[0]])
 
 
 @dataclass
@@ -413,14 +412,13 @@ def _admit(batch: _Batch, waiting: deque, prompts: list[list[int]], seeds: list[
     n_free = min(batch.plan.cfg.batch_size - len(batch.slots), len(waiting))
     if n_free <= 0:
         return
-    first = batch.plan.first_candidates()
-    n_masked = int((batch.plan.init_window == batch.plan.mask_id).sum())
-    now = time.perf_counter()
+    plan, now = batch.plan, time.perf_counter()
     new = []
     for _ in range(n_free):
         r = waiting.popleft()
         new.append(_Slot(r, row_generator(seeds[r], batch.device),
-                         torch.tensor(prompts[r], dtype=torch.long, device=batch.device), first, n_masked, now))
+                         torch.tensor(prompts[r], dtype=torch.long, device=batch.device),
+                         plan.first_cand, plan.init_masked, now))
     batch.add(new)
 
 

@@ -3,9 +3,10 @@
 `ScriptedDLM` implements the `DLM` protocol with a small vocabulary. Each row's logits depend
 only on that row's own real tokens: a hash of the prompt (positions counted from the first real
 token, so left padding changes nothing) picks a hidden answer, an answer length (then EOS/EoT
-padding) and the row's difficulty. The logit gap on the answer token grows with the fraction of
-the window already decoded, plus hashed per-position noise; about a quarter of the answer
-positions start with a wrong "decoy" token on top that fades as decoding proceeds. Under
+padding) and the row's readiness point. The logit gap on the answer token ramps up as the
+fraction of the window already decided passes that point, plus hashed per-position noise; about
+a quarter of the answer positions start with a wrong "decoy" token on top that falls away just
+before the row is ready. Under
 Prophet, rows therefore commit at mixed steps, some of them wrongly, which exercises every rule,
 region and statistic. All arithmetic is integer hashing and element-wise float32, so a row's
 logits are bit-identical whatever batch it sits in.
@@ -83,17 +84,19 @@ class ScriptedDLM:
         after = j[None, :] >= answer_len[:, None]
         first_stop = torch.where(h % 3 == 0, self.eot_id, self.eos_id)[:, None]
         target = torch.where(after, torch.where(j[None, :] == answer_len[:, None], first_stop, self.eos_id), target)
-        # the row's difficulty: a start gap in [1, 5) and a growth in [4, 12) per unit of window decided
-        start = 1 + 4 * _unit(h, 97)
-        growth = 4 + 8 * _unit(h >> 8, 89)
+        # the row's readiness point r in [0, 1.2) (fraction of the window decided): the answer gap
+        # ramps from about 1.5 to 11.5 over a quarter of the window centred on r
+        ready = 1.2 * _unit(h, 997)
+        ramp = ((frac - ready) * 4 + 0.5).clamp(0, 1)  # (B,)
         jitter = 2 * _unit(hj >> 5, 101) - 1  # (B, G) in [-1, 1)
-        gap = torch.where(after, 9 + jitter, start[:, None] + growth[:, None] * frac[:, None] + jitter)
+        gap = torch.where(after, 9 + jitter, 1.5 + 10 * ramp[:, None] + jitter)
         v = torch.arange(V, device=dev)
         noise = 2 * _unit(_mix((hj[..., None] * V + v) % _P), 1000)  # (B, G, V) in [0, 2)
         logits = noise.masked_fill((v == self.mask_id) | (v == self.pad_id), -5.0)
         logits = logits.scatter(2, target[..., None], (2 + gap)[..., None])
-        # decoys: a wrong content token on top early on, fading by the time 3/8 of the window is decided
+        # decoys: a wrong content token on top until the row is nearly ready, then falling away
         decoy = c0 + (target - c0 + 1 + (hj // 7) % (n_content - 1)) % n_content
         has_decoy = ~after & (hj % 4 == 0)
-        lift = (2 + gap + 1.5 - 4 * frac[:, None])[..., None]
+        margin = 1.0 - 10 * (frac - ready + 0.15)  # (B,) decoy minus answer logit
+        lift = (2 + gap + margin[:, None])[..., None]
         return torch.where(has_decoy[..., None] & (v == decoy[..., None]), lift, logits)
