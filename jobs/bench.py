@@ -114,7 +114,7 @@ def timed_pair(model: DLM, prompts: Sequence[Sequence[int]], a: DecodeConfig, b:
 
 def bench_batching(args: argparse.Namespace) -> dict:
     """Wall-clock speed-up over step speed-up of prophet vs full: continuous, frozen, batch 1."""
-    use_tiny = args.model == "tiny" or (args.model == "auto" and TINY_LLADA.exists())
+    use_tiny = args.model == "tiny" or (args.model == "auto" and (TINY_LLADA / "config.json").exists())
     work = (tiny_workload if use_tiny else scripted_workload)(args.prompts, args.batch_size)
     decode(work.model, work.prompts[:8], work.prophet)  # warm-up
     modes = {"continuous": dict(continuous=True), "frozen": dict(continuous=False),

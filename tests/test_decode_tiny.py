@@ -1,0 +1,55 @@
+"""The batched decoder equals the one-row oracle on the real tiny trained models (fp32).
+
+Prompts of two tasks have different lengths, so rows are left-padded next to each other.
+"""
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from prophet import decode, decode_reference
+
+ROOT = Path(__file__).resolve().parents[1]
+FIELDS = ("tokens", "steps_used", "committed_early", "commit_step", "nonfinite", "num_generated")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small matrices: intra-op threads only wait on each other on a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def load(name):
+    path = ROOT / "checkpoints" / name
+    if not (path / "config.json").exists():
+        pytest.skip(f"{path} holds no shipped checkpoint (config.json) yet")
+    from prophet.models import load_model
+    return load_model(path, dtype=torch.float32)
+
+
+def mixed_prompts(model, n_each=4):
+    from prophet.tasks import get_task
+    return [model.encode(ex.prompt) for task in ("sudoku4", "prefix_sums")
+            for ex in get_task(task).examples("test", n_each, seed=1)]
+
+
+@pytest.mark.parametrize("name", ["tiny-llada", "tiny-dream"])
+@pytest.mark.parametrize("overrides", [dict(), dict(rule="prophet", statistic="min", region="window"),
+                                       dict(rule="gap_parallel", temperature=0.7, cfg_scale=0.5)],
+                         ids=["full", "prophet-min", "gap_parallel-sampled-cfg"])
+def test_batched_equals_oracle_on_the_tiny_model(name, overrides):
+    from prophet.tasks import get_task
+    from prophet.tasks.evaluation import task_config
+
+    model = load(name)
+    prompts = mixed_prompts(model)
+    assert len({len(p) for p in prompts}) > 1
+    cfg = replace(task_config(model, get_task("sudoku4")), batch_size=3, **overrides)
+    got, want = decode(model, prompts, cfg), decode_reference(model, prompts, cfg)
+    for f in FIELDS:
+        assert torch.equal(getattr(got, f), getattr(want, f)), f
+    assert torch.allclose(got.commit_gap, want.commit_gap, equal_nan=True)
