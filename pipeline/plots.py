@@ -46,28 +46,29 @@ def plot_histogram(counts: np.ndarray, path: str | Path, title: str, xlabel: str
     return _save(fig, Path(path))
 
 
-def throughput_series(per_second: Counter, start: float, end: float, bins: int = _TIME_BINS) -> tuple[np.ndarray, np.ndarray]:
-    """(bin centres in seconds since start, rows/s in each bin) from a second -> rows counter."""
-    width = max((end - start) / bins, 1.0)
-    edges = np.arange(start, end + width, width)
+def throughput_series(per_tick: Counter, tick: float, start: float, end: float,
+                      bins: int = _TIME_BINS) -> tuple[np.ndarray, np.ndarray]:
+    """(bin centres in seconds since start, rows/s in each bin) from a floor(t / tick) -> rows counter."""
+    width = max((end - start) / bins, tick)
+    edges = start + width * np.arange(int(np.ceil((end - start) / width)) + 1)
     if len(edges) < 2:
         edges = np.array([start, start + width])
-    secs = np.fromiter(per_second.keys(), float, len(per_second))
-    rows = np.fromiter(per_second.values(), float, len(per_second))
-    hist, _ = np.histogram(secs + 0.5, bins=edges, weights=rows)  # +0.5: a second counts at its middle
+    keys = np.fromiter(per_tick.keys(), float, len(per_tick))
+    rows = np.fromiter(per_tick.values(), float, len(per_tick))
+    hist, _ = np.histogram((keys + 0.5) * tick, bins=edges, weights=rows)  # a tick counts at its middle
     return (edges[:-1] + edges[1:]) / 2 - start, hist / width
 
 
-def plot_throughput(timeline: dict[str, Counter], path: str | Path, start: float | None = None) -> Path:
-    """Rows/s per worker over time since the job start (from each row's finished_at)."""
+def plot_throughput(timeline: dict[str, Counter], tick: float, path: str | Path, start: float | None = None) -> Path:
+    """Rows/s per worker over time since the job start (from each row's finished_at, binned by tick seconds)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    seconds = [s for c in timeline.values() for s in c]
-    if seconds:
-        t0 = min([start] + seconds) if start is not None else min(seconds)
-        t1 = max(seconds) + 1
-        for worker, per_second in sorted(timeline.items()):
-            x, y = throughput_series(per_second, t0, t1)
+    times = [k * tick for c in timeline.values() for k in c]
+    if times:
+        t0 = min([start] + times) if start is not None else min(times)
+        t1 = max(times) + tick
+        for worker, per_tick in sorted(timeline.items()):
+            x, y = throughput_series(per_tick, tick, t0, t1)
             ax.step(x, y, where="mid", label=str(worker))
         ax.legend(title="worker", fontsize="small")
     else:

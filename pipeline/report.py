@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ STAT_COLUMNS = ("id", "status", "error", "worker_id", "generated_tokens", "steps
                 "settings_hash")
 THIRDS = ("first", "middle", "last")
 BATCH_ROWS = 65_536
+TIMELINE_BINS = 500  # finish times are kept per bin of the job's span (bounded memory, fine enough to plot)
 _MAX_ERROR_KINDS = 1000  # distinct error messages tracked; rows past the cap count as "other"
 
 
@@ -154,7 +156,7 @@ class WorkerStats:
     decode_s: float = 0.0          # summed over rows (rows overlap in a batch: not busy time)
     first_finished_at: float = math.inf
     last_finished_at: float = -math.inf
-    per_second: Counter = field(default_factory=Counter)  # unix second -> rows finished in it
+    per_tick: Counter = field(default_factory=Counter)  # floor(finished_at / tick) -> rows finished in it
 
 
 @dataclass
@@ -165,7 +167,8 @@ class RunScan:
     report: dict
     steps_counts: np.ndarray        # histogram of steps_used over ok rows
     commit_counts: np.ndarray       # histogram of commit_step over rows that committed early
-    timeline: dict[str, Counter]    # worker -> unix second -> rows finished
+    timeline: dict[str, Counter]    # worker -> floor(finished_at / tick) -> rows finished
+    tick: float                     # seconds per timeline bin
     start_time: float | None
     rows: pa.Table | None = None    # id, ok, steps_used, correct, completion hash (compare mode only)
 
@@ -173,9 +176,10 @@ class RunScan:
 class _Accumulator:
     """Folds record batches into totals, histograms and (optionally) per-row keys."""
 
-    def __init__(self, scorer: Scorer | None, answer_column: str, task_column: str, keep_rows: bool):
+    def __init__(self, scorer: Scorer | None, answer_column: str, task_column: str, keep_rows: bool,
+                 tick: float = 1.0):
         self.scorer, self.answer_column, self.task_column = scorer, answer_column, task_column
-        self.keep_rows = keep_rows
+        self.keep_rows, self.tick = keep_rows, tick
         self.rows = self.ok = self.tokens = self.budget_sum = self.steps_sum = 0
         self.steps_counts = np.zeros(0, np.int64)
         self.commit_counts = np.zeros(0, np.int64)
@@ -226,7 +230,7 @@ class _Accumulator:
         t = pa.table({"w": pc.fill_null(pc.cast(batch.column("worker_id"), pa.string()), "unknown"),
                       "ok": ok.astype(np.int64), "tok": tokens.astype(np.int64),
                       "dec": pc.fill_null(pc.cast(batch.column("decode_s"), pa.float64()), 0.0),
-                      "t": done, "sec": pc.cast(pc.floor(done), pa.int64())})
+                      "t": done, "bin": pc.cast(pc.floor(pc.divide(done, self.tick)), pa.int64())})
         g = t.group_by("w").aggregate([("ok", "count"), ("ok", "sum"), ("tok", "sum"), ("dec", "sum"),
                                        ("t", "min"), ("t", "max")]).to_pylist()
         for row in g:
@@ -238,9 +242,9 @@ class _Accumulator:
             if row["t_min"] is not None:
                 st.first_finished_at = min(st.first_finished_at, row["t_min"])
                 st.last_finished_at = max(st.last_finished_at, row["t_max"])
-        for row in t.group_by(["w", "sec"]).aggregate([("sec", "count")]).to_pylist():
-            if row["sec"] is not None:
-                self.workers[row["w"]].per_second[row["sec"]] += row["sec_count"]
+        for row in t.group_by(["w", "bin"]).aggregate([("bin", "count")]).to_pylist():
+            if row["bin"] is not None:
+                self.workers[row["w"]].per_tick[row["bin"]] += row["bin_count"]
 
     def _add_accuracy(self, batch: pa.RecordBatch, ok: np.ndarray) -> np.ndarray:
         """Score the batch; error rows count as wrong; rows without a reference are not scored."""
@@ -308,6 +312,12 @@ def resolve_scorer(name: str | None, names: set[str], task_column: str) -> Score
     return get_scorer(name)
 
 
+def first_start(manifest: dict) -> float | None:
+    """Unix seconds when the first run into the directory started (None when the manifest lacks it)."""
+    return next((float(manifest[k]) for k in ("first_started_at", "started_at")
+                 if isinstance(manifest.get(k), (int, float))), None)
+
+
 def run_times(manifest: dict, last_finished_at: float | None) -> tuple[float | None, float | None, str]:
     """(first start in unix seconds, wall seconds, where the wall time came from) of all runs into a directory.
 
@@ -316,8 +326,7 @@ def run_times(manifest: dict, last_finished_at: float | None) -> tuple[float | N
     as the last finish time minus the first start.
     """
     runs = [r for r in manifest.get("runs", []) if isinstance(r, dict)]
-    start = next((manifest[k] for k in ("first_started_at", "started_at")
-                  if isinstance(manifest.get(k), (int, float))), None)
+    start = first_start(manifest)
     walls = [float(r["wall_s"]) for r in runs if isinstance(r.get("wall_s"), (int, float))]
     if walls:
         return start, sum(walls), "manifest runs" if len(walls) > 1 else "manifest"
@@ -326,6 +335,15 @@ def run_times(manifest: dict, last_finished_at: float | None) -> tuple[float | N
     if start is not None and last_finished_at is not None:
         return start, max(last_finished_at - start, 0.0), "estimated: last finished_at - start"
     return start, None, "unknown"
+
+
+def time_tick(manifest: dict, bins: int = TIMELINE_BINS) -> float:
+    """Seconds per timeline bin: the job's span (first start to end, or to now) over `bins`, at least 10 ms."""
+    start = first_start(manifest)
+    if start is None:
+        return 1.0
+    end = manifest.get("ended_at") if isinstance(manifest.get("ended_at"), (int, float)) else time.time()
+    return max((end - start) / bins, 0.01)
 
 
 def _rate(x: float, seconds: float | None) -> float | None:
@@ -346,7 +364,7 @@ def scan_run(output_dir: str | Path, scorer: str | None = None, answer_column: s
         raise ReportError(str(exc)) from exc
     columns = _columns_for(sc, answer_column, task_column, names, keep_rows)
     check_columns(files, tuple(columns))
-    acc = _Accumulator(sc, answer_column, task_column, keep_rows)
+    acc = _Accumulator(sc, answer_column, task_column, keep_rows, time_tick(manifest))
     try:
         for batch in iter_batches(files, columns):
             acc.add(batch)
@@ -357,8 +375,8 @@ def scan_run(output_dir: str | Path, scorer: str | None = None, answer_column: s
     report = _summarize(acc, root, manifest, files, wall)
     report["wall_source"] = source
     rows = pa.concat_tables(acc.kept) if acc.kept else None
-    timeline = {w: st.per_second for w, st in acc.workers.items()}
-    return RunScan(root, report, acc.steps_counts, acc.commit_counts, timeline, start, rows)
+    timeline = {w: st.per_tick for w, st in acc.workers.items()}
+    return RunScan(root, report, acc.steps_counts, acc.commit_counts, timeline, acc.tick, start, rows)
 
 
 def _summarize(acc: _Accumulator, root: Path, manifest: dict, files: list[Path], wall: float | None) -> dict:
@@ -538,7 +556,7 @@ def write_plots(scan: RunScan, out_dir: str | Path) -> list[str]:
                              "steps used", s["budget_mean"]),
         plots.plot_histogram(scan.commit_counts, out / PLOT_FILES["commit"], "Commit step (rows committed early)",
                              "commit step", s["budget_mean"]),
-        plots.plot_throughput(scan.timeline, out / PLOT_FILES["throughput"], scan.start_time),
+        plots.plot_throughput(scan.timeline, scan.tick, out / PLOT_FILES["throughput"], scan.start_time),
     )]
 
 

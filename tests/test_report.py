@@ -398,3 +398,17 @@ def test_hidden_temporary_parts_and_subfolders_are_not_rows(tmp_path):
     (path / ".part-y.parquet").write_bytes(b"half written")
     write_run(path / "sub", make_rows(5), files=1)
     assert build_report(path)["rows"] == 30
+
+
+def test_throughput_timeline_holds_every_row_of_each_worker(run_dir):
+    from pipeline.plots import throughput_series
+
+    path, rows = run_dir
+    scan = scan_run(path)
+    assert scan.tick == pytest.approx(31.0 / 500)  # the job's span over 500 bins
+    for w in scan.report["workers"]:
+        per_tick = scan.timeline[w["worker_id"]]
+        assert sum(per_tick.values()) == w["rows"]
+        x, y = throughput_series(per_tick, scan.tick, START, START + 31.0)
+        width = x[1] - x[0]
+        assert (y * width).sum() == pytest.approx(w["rows"]) and x.min() > 0 and x.max() < 31.0
