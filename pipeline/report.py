@@ -454,11 +454,18 @@ def build_report(output_dir: str | Path, scorer: str | None = None, answer_colum
 
 
 def short_summary(output_dir: str | Path, scorer: str | None = "auto") -> str:
-    """A few lines for the end of a job: rows, throughput, steps and speed-up, early commits, accuracy."""
+    """A few lines for the end of a job: rows, throughput, steps and speed-up, early commits, accuracy.
+
+    Never raises a ReportError: a job that finished should not fail on its summary, so the problem
+    is returned as the text instead.
+    """
     try:
-        return format_short(build_report(output_dir, scorer))
-    except ScoringError as exc:  # a job's summary still shows throughput when its rows cannot be scored
-        return format_short(build_report(output_dir, None)) + f"\n  accuracy: not scored ({exc})"
+        try:
+            return format_short(build_report(output_dir, scorer))
+        except ScoringError as exc:  # still show throughput when the rows cannot be scored
+            return format_short(build_report(output_dir, None)) + f"\n  accuracy: not scored ({exc})"
+    except ReportError as exc:
+        return f"report unavailable: {exc}"
 
 
 # ---------------------------------------------------------------------------- text

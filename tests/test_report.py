@@ -302,6 +302,7 @@ def test_missing_directory_is_a_clear_error(tmp_path):
 
 def test_remote_uri_is_a_clear_error():
     assert "local directories only" in _error_of("s3://bucket/run")
+    assert short_summary("s3://bucket/run").startswith("report unavailable: s3://bucket/run: reports read local")
 
 
 def test_directory_without_parquet_is_a_clear_error(tmp_path):
