@@ -60,7 +60,10 @@ def read_config(path: Path) -> dict:
     file = path / CONFIG_FILE
     if not file.is_file():
         raise ModelLoadError(f"missing {file}: a model directory needs config.json")
-    return json.loads(file.read_text())
+    try:
+        return json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{file} is not valid JSON ({e})") from None
 
 
 def native_family(raw: dict) -> tuple[type[FamilyConfig], type[nn.Module]] | None:
@@ -75,16 +78,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     check_remote_code(trust_remote_code, revision)
     path = Path(path)
     raw = read_config(path)
-    family = native_family(raw)
+    family = _family_or_masked_lm(path, raw, trust_remote_code)
     if family is None:
-        if is_masked_lm_config(raw, trust_remote_code):
-            find_weights(path, allow_pickle)  # refuses pickles before transformers sees them
-            return load_masked_lm(path, device, dtype, trust_remote_code=trust_remote_code,
-                                     revision=revision)
-        raise ModelLoadError(f"{path / CONFIG_FILE}: unknown model_type {raw.get('model_type')!r} "
-                             f"(architectures {raw.get('architectures')}): not a native family "
-                             f"({', '.join(c.model_type for c, _ in NATIVE_FAMILIES)}) nor a "
-                             "transformers AutoModelForMaskedLM architecture")
+        find_weights(path, allow_pickle)  # refuses pickles before transformers sees them
+        return load_masked_lm(path, device, dtype, trust_remote_code=trust_remote_code, revision=revision)
     config_cls, module_cls = family
     tokenizer = Tokenizer.from_dir(path)  # before the weights: fail fast on a missing file
     module = load_native_module(path, config_cls.from_dict(raw), module_cls, torch.device(device), dtype,
@@ -97,7 +94,7 @@ def load_native_module(path: Path, config: FamilyConfig, module_cls: type[nn.Mod
     """Build the module on the meta device and assign the directory's weights (device, dtype)."""
     with torch.device("meta"):
         module = module_cls(config)
-    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    expected = _shapes(module)
     weights = find_weights(path, allow_pickle)
     if weights.kind == "safetensors":
         check_tensors(safetensors_shapes(weights), expected)
@@ -108,6 +105,46 @@ def load_native_module(path: Path, config: FamilyConfig, module_cls: type[nn.Mod
         state = {k: v for k, v in state.items() if k in expected}
     module.load_state_dict(state, strict=True, assign=True)
     return module.eval()
+
+
+def check_model_dir(path: str | Path, *, allow_pickle: bool = False, trust_remote_code: bool = False,
+                    revision: str | None = None) -> None:
+    """Everything load_model checks before reading weight data: options, config, tokenizer, files, shapes.
+
+    Cheap (headers only, the module is built on the meta device), so a job can refuse a broken
+    directory before it starts workers that would each fail to load it.
+    """
+    check_remote_code(trust_remote_code, revision)
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelLoadError(f"no such model directory {path}")
+    raw = read_config(path)
+    family = _family_or_masked_lm(path, raw, trust_remote_code)
+    weights = find_weights(path, allow_pickle)
+    if family is None:
+        return
+    config_cls, module_cls = family
+    Tokenizer.from_dir(path)
+    if weights.kind == "safetensors":  # pickles cannot be inspected without unpickling them
+        with torch.device("meta"):
+            module = module_cls(config_cls.from_dict(raw))
+        check_tensors(safetensors_shapes(weights), _shapes(module))
+
+
+def _family_or_masked_lm(path: Path, raw: dict, trust_remote_code: bool
+                         ) -> tuple[type[FamilyConfig], type[nn.Module]] | None:
+    """The native family of config.json, None for a transformers masked LM, else ModelLoadError."""
+    family = native_family(raw)
+    if family is not None or is_masked_lm_config(raw, trust_remote_code):
+        return family
+    raise ModelLoadError(f"{path / CONFIG_FILE}: unknown model_type {raw.get('model_type')!r} "
+                         f"(architectures {raw.get('architectures')}): not a native family "
+                         f"({', '.join(c.model_type for c, _ in NATIVE_FAMILIES)}) nor a "
+                         "transformers AutoModelForMaskedLM architecture")
+
+
+def _shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
 
 
 def find_weights(path: Path, allow_pickle: bool) -> WeightFiles:
@@ -150,7 +187,11 @@ def safetensors_shapes(weights: WeightFiles) -> dict[str, tuple[int, ...]]:
     """Tensor name -> shape from the safetensors headers, without reading any data."""
     shapes: dict[str, tuple[int, ...]] = {}
     for file, names in weights.shards.items():
-        with safe_open(str(file), framework="pt") as f:
+        try:
+            f = safe_open(str(file), framework="pt")
+        except Exception as e:  # safetensors raises its own error type for a truncated or foreign file
+            raise ModelLoadError(f"{file} is not a readable safetensors file ({type(e).__name__}: {e})") from None
+        with f:
             present = set(f.keys())
             for name in names if names is not None else sorted(present):
                 if name not in present:
