@@ -266,6 +266,46 @@ def check_parquet_files(cfg: InputConfig) -> None:
                                  "remove or replace it") from None
 
 
+def check_unique_ids(cfg: InputConfig, fmt: str, shown: int = 3) -> None:
+    """A given id column holds no id twice (null/empty ids fall back to row keys, so they are exempt).
+
+    Reads only the id column (Parquet, saved datasets) or parses the files once (JSONL, CSV): ids
+    of every row end in one array, as resume's set of written ids does.
+    """
+    name = cfg.id_column
+    if name is None:
+        return
+    ids = pa.chunked_array(list(_id_chunks(cfg, fmt, name)), pa.string())
+    ids = ids.filter(pc.and_(pc.is_valid(ids), pc.not_equal(ids, "")))
+    counts = pc.value_counts(ids)
+    dup = counts.filter(pc.greater(counts.field("counts"), 1))
+    if len(dup):
+        examples = ", ".join(f"{v['values']!r} x{v['counts']}" for v in dup.to_pylist()[:shown])
+        raise JobConfigError(f"input.id_column: {len(dup)} ids of column {name!r} appear more than once "
+                             f"({examples}); every row needs its own id: fix the input, or unset "
+                             "input.id_column to derive ids from file and row")
+
+
+def _id_chunks(cfg: InputConfig, fmt: str, name: str) -> Iterator[pa.Array]:
+    """The id column of the whole input as string arrays, chunk by chunk."""
+    if fmt == "hf":
+        import datasets
+
+        column = datasets.load_from_disk(cfg.path).select_columns([name]).with_format("arrow")[:][name]
+        yield from pc.cast(column, pa.string()).chunks
+        return
+    for file in input_files(Path(cfg.path), fmt):
+        with open(file, "rb") as fh:
+            if fmt == "parquet":
+                tables: Iterator[Any] = pq.ParquetFile(fh).iter_batches(columns=[name])
+            else:
+                tables = read_file(fmt, _maybe_gunzip(fh, file), file.name, cfg.prompt_column)
+            for t in tables:
+                if name in t.schema.names:
+                    column = pc.cast(t.column(name), pa.string())
+                    yield from column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+
+
 # ----------------------------------------------------------------------------- ids
 
 def assign_ids(batch: pa.Table, id_column: str | None) -> pa.Table:

@@ -50,14 +50,46 @@ def conform(table: pa.Table) -> pa.Table:
     return pa.Table.from_arrays(cols, schema=pa.schema(fields))
 
 
+class OutputWriteError(OSError):
+    """A part could not be written (directory gone or read-only, disk full); no visible part was made."""
+
+
 def write_part(table: pa.Table, out_dir: str, name: str) -> int:
-    """Write one part atomically (hidden temp file, then rename); returns the rows written."""
+    """Write one part atomically (hidden temp file, then rename); returns the rows written.
+
+    On failure the temporary file is deleted where possible (a full disk gets its space back) and
+    OutputWriteError names the directory; a leftover temp file is hidden and never counts as done.
+    """
     fs, base = filesystem(out_dir)
     tmp, final = _join(base, f".{name}{TMP_SUFFIX}"), _join(base, name)
-    with fs.open_output_stream(tmp) as sink:
-        pq.write_table(conform(table), sink)
-    fs.move(tmp, final)
+    try:
+        with fs.open_output_stream(tmp) as sink:
+            pq.write_table(conform(table), sink)
+        fs.move(tmp, final)
+    except OSError as e:
+        _delete_quietly(fs, tmp)
+        raise OutputWriteError(f"output.dir: cannot write {name} into {out_dir}: {e}") from e
     return table.num_rows
+
+
+def check_writable(out_dir: str) -> None:
+    """Create the output directory and write and delete a probe file in it, before any work starts."""
+    fs, base = filesystem(out_dir)
+    probe = _join(base, f".probe-{uuid.uuid4().hex[:8]}{TMP_SUFFIX}")
+    try:
+        fs.create_dir(base, recursive=True)
+        with fs.open_output_stream(probe) as f:
+            f.write(b"probe")
+        fs.delete_file(probe)
+    except OSError as e:
+        raise JobConfigError(f"output.dir: cannot write to {out_dir} ({e}): choose a writable directory") from None
+
+
+def _delete_quietly(fs: pafs.FileSystem, path: str) -> None:
+    try:
+        fs.delete_file(path)
+    except OSError:
+        pass  # already gone, or the directory itself is unreachable: nothing more to free
 
 
 def _join(base: str, name: str) -> str:
