@@ -178,12 +178,31 @@ def _has_surrogates(s: str) -> bool:
 
 
 def read_parquet(f: Any, rel: str, chunk_rows: int = CHUNK_ROWS) -> Iterator[pa.Table]:
-    """Parquet file -> tables, row group by row group."""
+    """Parquet file -> tables, row group by row group; rows of an unreadable row group become error rows.
+
+    A corrupt data page passes the footer check and fails only when read: its row group's rows keep
+    their '<file>:<row>' keys (the footer gives the count) with a reason, so nothing is silently lost.
+    """
+    pf = pq.ParquetFile(f)
     start = 0
-    for batch in pq.ParquetFile(f).iter_batches(batch_size=chunk_rows):
-        table = pa.Table.from_batches([batch])
-        yield _with_keys(table, rel, start)
-        start += table.num_rows
+    for group in range(pf.num_row_groups):
+        end = start + pf.metadata.row_group(group).num_rows
+        try:
+            for batch in pf.iter_batches(batch_size=chunk_rows, row_groups=[group]):
+                table = pa.Table.from_batches([batch])
+                table = table.append_column(INPUT_ERROR, pa.nulls(table.num_rows, pa.string()))
+                yield _with_keys(table, rel, start)
+                start += table.num_rows
+        except (pa.ArrowInvalid, OSError) as e:
+            yield _unreadable_rows(pf.schema_arrow, rel, start, end - start, f"row group {group} unreadable: {e}")
+        start = end
+
+
+def _unreadable_rows(schema: pa.Schema, rel: str, start: int, n: int, reason: str) -> pa.Table:
+    """n rows of all-null columns (so chunks share a schema) with a reason in INPUT_ERROR."""
+    columns = {f.name: pa.nulls(n, f.type) for f in schema if f.name not in (INPUT_ERROR, ROW_KEY)}
+    columns[INPUT_ERROR] = pa.array([" ".join(reason.split())] * n, pa.string())
+    return _with_keys(pa.table(columns), rel, start)
 
 
 def read_file(fmt: str, f: Any, rel: str, prompt_column: str) -> Iterator[pa.Table]:
