@@ -226,7 +226,7 @@ def load_job_config(yaml_path: str | Path | None = None, overrides: dict[str, An
     """JobConfig from an optional YAML file plus dotted overrides (which win); errors name the field."""
     tree: dict = {}
     if yaml_path is not None:
-        tree = _read_yaml(Path(yaml_path))
+        tree = read_yaml(Path(yaml_path))
     for key, value in (overrides or {}).items():
         set_dotted(tree, key, value)
     return validate_job_config(tree)
@@ -250,11 +250,12 @@ def format_validation_error(e: ValidationError) -> str:
             msg = "unknown key (check spelling; see jobs/generate.py --help)"
         elif err["type"] != "missing" and "input" in err and not isinstance(err["input"], dict):
             msg += f" (got {err['input']!r})"
-        lines.append(f"{where}: {msg}")
+        lines.append(msg if not err["loc"] else f"{where}: {msg}")  # cross-checks name their fields
     return "invalid job configuration:\n  " + "\n  ".join(lines)
 
 
-def _read_yaml(path: Path) -> dict:
+def read_yaml(path: Path) -> dict:
+    """A YAML job file as a dict; errors name the file."""
     import yaml
 
     if not path.is_file():

@@ -19,6 +19,11 @@ class FileDatasource(FileBasedDatasource):
         super().__init__(path, file_extensions=list(file_extensions))
         self._fmt, self._prompt_column, self._root = fmt, prompt_column, pio.normalize_root(path)
 
+    def _open_input_source(self, filesystem: Any, path: str, **open_args: Any) -> Any:
+        if self._fmt == "parquet":  # the footer is at the end: Parquet needs a seekable file
+            return filesystem.open_input_file(path)
+        return super()._open_input_source(filesystem, path, **open_args)
+
     def _read_stream(self, f: Any, path: str) -> Iterator[pa.Table]:
         rel = pio.relative_name(path, self._root)
         yield from pio.read_file(self._fmt, f, rel, self._prompt_column)

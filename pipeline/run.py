@@ -279,12 +279,16 @@ def build_dataset(plan: Plan, spec: ActorSpec, res: Resources, done: Any, run_id
     return ds, PartSink(cfg.output.dir, run_id, ex.rows_per_file)
 
 
-def execute(ds: Any, sink: Any, cfg: JobConfig, cluster: dict) -> None:
-    """Run the pipeline; a pool that cannot start (no GPU, say) fails within the configured wait."""
+def configure_data_context(cfg: JobConfig) -> None:
+    """Ray Data settings of this job; a dataset copies the context when it is built, so call this first."""
     from ray.data import DataContext
 
-    ctx = DataContext.get_current()
-    ctx.wait_for_min_actors_s = cfg.execution.actor_start_timeout_s
+    # bounded wait for the actor pool: a GPU request on a cluster without GPUs fails instead of hanging
+    DataContext.get_current().wait_for_min_actors_s = cfg.execution.actor_start_timeout_s
+
+
+def execute(ds: Any, sink: Any, cfg: JobConfig, cluster: dict) -> None:
+    """Run the pipeline; a pool that cannot start (no GPU, say) fails within the configured wait."""
     try:
         ds.write_datasink(sink)
     except Exception as e:
@@ -325,6 +329,7 @@ def run(cfg: JobConfig, log: Callable[[str], None] = print) -> Summary:
         res = resolve_resources(cfg, cluster)
         manifest = _manifest(plan, old, run_id, t0, cluster, res)
         output.write_manifest(out, manifest)
+        configure_data_context(cfg)
         ds, sink = build_dataset(plan, actor_spec(plan, res), res, done, run_id)
         execute(ds, sink, cfg, cluster)
     finally:
