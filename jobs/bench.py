@@ -88,11 +88,11 @@ def tiny_workload(n: int, batch_size: int) -> Workload:
     model = load_model(TINY_LLADA)
     task = get_task("sudoku4")
     prompts = [model.encode(ex.prompt) for ex in task.examples("test", n, seed=0)]
-    full = task_config(model, task, batch_size=batch_size)
+    full = replace(task_config(model, task), batch_size=batch_size)
     cal = TINY_LLADA / "calibration.json"
     prophet = full.with_calibration(cal) if cal.exists() else replace(full, rule="prophet")
     prophet = replace(prophet, rule="prophet")
-    return Workload(f"tiny-llada (checkpoints/tiny-llada) on sudoku4 test prompts", model, prompts, full, prophet)
+    return Workload("tiny-llada (checkpoints/tiny-llada) on sudoku4 test prompts", model, prompts, full, prophet)
 
 
 def timed_pair(model: DLM, prompts: Sequence[Sequence[int]], a: DecodeConfig, b: DecodeConfig,
