@@ -112,7 +112,7 @@ def cases(draw):
 
 
 # PROPHET_EXAMPLES=2000 for a deeper local search
-@settings(max_examples=int(os.environ.get("PROPHET_EXAMPLES", 120)), deadline=None,
+@settings(max_examples=int(os.environ.get("PROPHET_EXAMPLES", 80)), deadline=None,
           suppress_health_check=[HealthCheck.too_slow])
 @given(cases())
 def test_batched_equals_oracle_on_random_configs_prompts_and_batch_sizes(case):
