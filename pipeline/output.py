@@ -164,9 +164,13 @@ def write_manifest(out_dir: str, manifest: dict[str, Any]) -> None:
     fs, base = filesystem(out_dir)
     fs.create_dir(base, recursive=True)
     tmp, final = _join(base, f".{MANIFEST}{TMP_SUFFIX}"), _join(base, MANIFEST)
-    with fs.open_output_stream(tmp) as f:
-        f.write((json.dumps(manifest, indent=2, sort_keys=False, default=str) + "\n").encode())
-    fs.move(tmp, final)
+    try:
+        with fs.open_output_stream(tmp) as f:
+            f.write((json.dumps(manifest, indent=2, sort_keys=False, default=str) + "\n").encode())
+        fs.move(tmp, final)
+    except OSError:
+        _delete_quietly(fs, tmp)  # the old manifest stays as it was
+        raise
 
 
 def count_rows(out_dir: str, run_id: str | None = None) -> dict[str, int]:

@@ -95,6 +95,8 @@ def plan_job(cfg: JobConfig) -> Plan:
     if fmt == "parquet" and "://" not in cfg.input.path:
         pio.check_parquet_files(cfg.input)
     pio.check_columns(cfg.input, pio.peek(cfg.input, fmt))
+    if "://" not in cfg.input.path:
+        pio.check_unique_ids(cfg.input, fmt)
     host, anchor_ids = _model_facts(cfg)
     decode = cfg.decode_config(host, anchor_ids).to_dict()
     settings = {"decode": {k: v for k, v in decode.items() if k not in NOT_IN_SETTINGS},
@@ -119,11 +121,18 @@ def _check_paths(cfg: JobConfig) -> None:
 
 
 def _model_facts(cfg: JobConfig) -> tuple[str, tuple[int, ...]]:
-    """(the family's default host, the anchor's token ids) from config.json and the tokenizer only."""
+    """(the family's default host, the anchor's token ids); the whole directory is checked, weights unread."""
     from prophet.models import ModelLoadError, Tokenizer
-    from prophet.models.loading import native_family, read_config
+    from prophet.models.hf import check_remote_code
+    from prophet.models.loading import check_model_dir, native_family, read_config
 
+    m = cfg.model
     try:
+        check_remote_code(m.trust_remote_code, m.revision)
+    except ModelLoadError as e:
+        raise JobConfigError(f"model.revision: {e}") from None
+    try:
+        check_model_dir(m.dir, allow_pickle=m.allow_pickle, trust_remote_code=m.trust_remote_code, revision=m.revision)
         family = native_family(read_config(Path(cfg.model.dir)))
         host = family[0].default_host if family else "llada"
         anchor = cfg.decoding.anchor
@@ -210,7 +219,8 @@ def connect_ray(cfg: JobConfig) -> bool:
         # so token auth (on by default in Ray 2.60) would only get in the way of `ray` CLI tools.
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         cpus = cfg.execution.local_cpus or (os.cpu_count() or 1) + 1
-        ray.init(num_cpus=cpus, include_dashboard=False)
+        # "local": a new instance even where `ray start` left a cluster (or its address file) behind
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False)
         return True
     return False
 
@@ -292,6 +302,12 @@ def execute(ds: Any, sink: Any, cfg: JobConfig, cluster: dict) -> None:
     try:
         ds.write_datasink(sink)
     except Exception as e:
+        failed_write = _write_failure(e)
+        if failed_write is not None:
+            first_line = str(failed_write).splitlines()[0]  # Ray appends its retry advice below
+            raise PipelineError(f"{first_line}. Rows written before the failure are kept in complete parts; "
+                                "make output.dir writable (or free space) and rerun the same command: it "
+                                "resumes with the missing rows") from None
         if "Timed out while starting actors" not in f"{e!r} {e.__cause__!r}":
             raise
         ex = cfg.execution
@@ -300,6 +316,20 @@ def execute(ds: Any, sink: Any, cfg: JobConfig, cluster: dict) -> None:
             f"asks for {ex.gpus_per_actor:g} GPU(s) and the cluster has {cluster.get('GPU', 0):g} GPU(s) and "
             f"{cluster.get('CPU', 0):g} CPU(s). Use a cluster with GPUs (or let its autoscaler add them), "
             "lower execution.gpus_per_actor/actors, or set gpus_per_actor: 0 to run on CPU") from None
+
+
+def _write_failure(e: BaseException | None) -> output.OutputWriteError | None:
+    """The OutputWriteError behind an error Ray raised (task errors keep the original as `.cause`)."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        cause = getattr(e, "cause", None)
+        if isinstance(cause, output.OutputWriteError):
+            return cause
+        if isinstance(e, output.OutputWriteError):
+            return e
+        e = cause if isinstance(cause, BaseException) else (e.__cause__ or e.__context__)
+    return None
 
 
 # ----------------------------------------------------------------------------- the job
@@ -316,6 +346,7 @@ def run(cfg: JobConfig, log: Callable[[str], None] = print) -> Summary:
         log(f"{out}: already complete for this input and settings; nothing to do")
         return Summary(out, 0, 0, 0, counts["rows"], counts["rows"], counts["unique_ids"], time.time() - t0,
                        "nothing to do", plan.settings_hash, run_id)
+    output.check_writable(out)  # before Ray starts: an unwritable directory fails in seconds, not after a load
     removed = output.remove_temp_files(out)
     done = output.done_ids(out)
     if removed or len(done):
@@ -331,7 +362,11 @@ def run(cfg: JobConfig, log: Callable[[str], None] = print) -> Summary:
         output.write_manifest(out, manifest)
         configure_data_context(cfg)
         ds, sink = build_dataset(plan, actor_spec(plan, res), res, done, run_id)
-        execute(ds, sink, cfg, cluster)
+        try:
+            execute(ds, sink, cfg, cluster)
+        except BaseException as e:
+            _mark_failed(out, manifest, e)
+            raise
     finally:
         if started:
             ray.shutdown()
@@ -376,6 +411,17 @@ def _finish_manifest(manifest: dict, s: Summary, counts: dict) -> None:
                                  "errors": s.errors, "skipped": s.skipped, "status": s.status})
     manifest.update({"status": s.status, "ended_at": end, "ended_at_iso": _iso(end), "wall_s": round(s.wall_s, 3),
                      "rows": {k: counts[k] for k in ("rows", "ok", "errors", "unique_ids", "files")}})
+
+
+def _mark_failed(out: str, manifest: dict, e: BaseException) -> None:
+    """Record a failed run in the manifest where the directory still takes it (a resume ignores the status)."""
+    reason = str(e).splitlines()[0][:500] if str(e) else type(e).__name__
+    manifest["runs"][-1].update({"ended_at": time.time(), "status": "failed", "error": reason})
+    manifest["status"] = "failed"
+    try:
+        output.write_manifest(out, manifest)
+    except OSError:
+        pass  # the output directory is what failed; the error itself reaches the user
 
 
 def _iso(t: float) -> str:
