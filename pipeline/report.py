@@ -369,7 +369,12 @@ def scan_run(output_dir: str | Path, scorer: str | None = None, answer_column: s
         for batch in iter_batches(files, columns):
             acc.add(batch)
     except ScorerError as exc:
-        raise ScoringError(str(exc)) from exc
+        if scorer != "auto":
+            raise ScoringError(str(exc)) from exc
+        # 'auto' guessed from a column name; a task column of other tasks just means no accuracy.
+        scan = scan_run(output_dir, None, answer_column, task_column, keep_rows)
+        scan.report["accuracy_skipped"] = str(exc)
+        return scan
     last = max((st.last_finished_at for st in acc.workers.values()), default=-math.inf)
     start, wall, source = run_times(manifest, last if math.isfinite(last) else None)
     report = _summarize(acc, root, manifest, files, wall)
@@ -460,10 +465,7 @@ def short_summary(output_dir: str | Path, scorer: str | None = "auto") -> str:
     is returned as the text instead.
     """
     try:
-        try:
-            return format_short(build_report(output_dir, scorer))
-        except ScoringError as exc:  # still show throughput when the rows cannot be scored
-            return format_short(build_report(output_dir, None)) + f"\n  accuracy: not scored ({exc})"
+        return format_short(build_report(output_dir, scorer))
     except ReportError as exc:
         return f"report unavailable: {exc}"
 
@@ -496,6 +498,8 @@ def format_short(r: dict) -> str:
     ]
     if a:
         lines.append(f"  accuracy ({a['scorer']}): {_pct(a['accuracy'])} ({a['correct']}/{a['scored']})")
+    if r.get("accuracy_skipped"):
+        lines.append(f"  accuracy: not scored ({r['accuracy_skipped']})")
     if len(r["settings_hashes"]) > 1:
         lines.append(f"  warning: rows from {len(r['settings_hashes'])} different decode settings are mixed here")
     return "\n".join(lines)
@@ -535,6 +539,8 @@ def format_report(r: dict) -> str:
         rows += [[t, v["correct"], v["scored"], _pct(v["accuracy"])] for t, v in a["by_task"].items()]
         lines += _md_table(["task", "correct", "scored", "accuracy"], rows)
         lines.append(f"\nError rows count as wrong; over ok rows only: {_pct(a['accuracy_ok'])}.")
+    if r.get("accuracy_skipped"):
+        lines += ["", f"Accuracy not scored: {r['accuracy_skipped']}"]
     lines += ["", "## Workers", ""]
     lines += _md_table(["worker", "rows", "ok", "generated tokens", "mean row decode s", "rows/s", "tokens/s"], [
         [w["worker_id"], w["rows"], w["ok"], w["generated_tokens"], _f(w["mean_decode_s"], ".3f"),

@@ -185,13 +185,16 @@ def test_task_scorer_uses_prophet_tasks(tmp_path):
     assert a["by_task"]["sudoku4"]["scored"] == 4
 
 
-def test_short_summary_survives_rows_the_task_scorer_cannot_read(tmp_path):
+def test_auto_scorer_skips_accuracy_where_the_task_scorer_cannot_read_the_rows(tmp_path):
     rows = make_rows(4, error_every=0)
     rows[1]["prompt"] = "not a sudoku"
     path = write_run(tmp_path / "r", rows, files=1)
-    assert "cannot score prompt 'not a sudoku'" in _error_of(path, scorer="task")
+    assert "cannot score prompt 'not a sudoku'" in _error_of(path, scorer="task")  # named explicitly: an error
+    r = build_report(path, scorer="auto")
+    assert r["accuracy"] is None and "not a sudoku" in r["accuracy_skipped"] and r["rows"] == 4
     text = short_summary(path)
     assert "4 rows" in text and "accuracy: not scored" in text
+    assert "Accuracy not scored" in format_report(r)
 
 
 def test_scorer_helpers():
