@@ -100,16 +100,16 @@ def _table_from_rows(rows: list[dict], errors: list[str | None], prompt_column: 
             errors[i] = f"{prompt_column} is a {type(value).__name__}, not a string"
             row[prompt_column] = None
     names = list(dict.fromkeys(k for row in rows for k in row))
-    columns = {}
-    for name in names:
-        values = [row.get(name) for row in rows]
-        try:
-            columns[name] = pa.array(values)
-        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
-            # mixed types in one column: keep every value, as JSON text
-            columns[name] = pa.array([None if v is None else json.dumps(v) for v in values], pa.string())
+    # Every column is text, so its type never depends on which lines share a chunk: chunks of
+    # different files and blocks are concatenated downstream, and an int64 chunk beside a string
+    # chunk failed the whole job. Strings stay as they are; any other JSON value becomes its JSON text.
+    columns = {name: pa.array([_json_text(row.get(name)) for row in rows], pa.string()) for name in names}
     columns[INPUT_ERROR] = pa.array(errors, pa.string())
     return pa.table(columns) if rows else pa.table({INPUT_ERROR: pa.array([], pa.string())})
+
+
+def _json_text(value: Any) -> str | None:
+    return value if value is None or isinstance(value, str) else json.dumps(value)
 
 
 def _parse_json_line(raw: bytes, lineno: int) -> tuple[dict, str | None]:
@@ -125,7 +125,8 @@ def _parse_json_line(raw: bytes, lineno: int) -> tuple[dict, str | None]:
 
 
 def read_jsonl(f: IO[bytes], rel: str, prompt_column: str, chunk_rows: int = CHUNK_ROWS) -> Iterator[pa.Table]:
-    """JSON Lines -> tables; blank lines are skipped, broken lines become rows with a reason."""
+    """JSON Lines -> tables of text columns (non-string values as JSON text); blank lines are skipped,
+    broken lines become rows with a reason."""
     rows: list[dict] = []
     errors: list[str | None] = []
     start = 0
