@@ -7,7 +7,6 @@ tasks always find a CPU).
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -59,10 +58,3 @@ def task_rows() -> list[dict]:
     task = get_task("sudoku4")
     return [{"prompt": ex.prompt, "answer": ex.answer, "task": task.name}
             for ex in task.examples("test", 40, seed=1)]
-
-
-def free_port() -> int:
-    """A TCP port nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
