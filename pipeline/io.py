@@ -276,14 +276,49 @@ def check_columns(cfg: InputConfig, schema: pa.Schema) -> None:
             raise JobConfigError(f"{field}: the input has no column {name!r} (columns: {have})")
 
 
-def check_parquet_files(cfg: InputConfig) -> None:
-    """Every Parquet input file has a readable footer; a corrupt one is named before any work."""
+def check_parquet_files(cfg: InputConfig) -> pa.Schema:
+    """Every Parquet input file has a readable footer, and their schemas agree; returns the union.
+
+    A corrupt file, or a column whose type differs between files, is named before any work; a
+    column missing from some files, or all-null in some, is fine (the union gives it one type).
+    """
+    schemas: dict[Path, pa.Schema] = {}
     for file in input_files(Path(cfg.path), "parquet"):
         try:
-            pq.read_metadata(file)
+            schemas[file] = pq.read_schema(file)
         except (pa.ArrowInvalid, OSError) as e:
             raise JobConfigError(f"input.path: {file} is not a readable Parquet file ({e}); "
                                  "remove or replace it") from None
+    try:
+        return pa.unify_schemas(list(schemas.values()), promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        raise JobConfigError(f"input.path: {_type_conflict(schemas)}; give the column one type in every "
+                             "file") from None
+
+
+def _type_conflict(schemas: dict[Path, pa.Schema]) -> str:
+    """'column 'x' is int64 in a.parquet but string in b.parquet' for the first column that differs."""
+    seen: dict[str, tuple[pa.DataType, Path]] = {}
+    for file, schema in schemas.items():
+        for f in schema:
+            if pa.types.is_null(f.type):
+                continue
+            first = seen.setdefault(f.name, (f.type, file))
+            try:
+                pa.unify_schemas([pa.schema([pa.field(f.name, first[0])]), pa.schema([f])],
+                                 promote_options="permissive")
+            except (pa.ArrowInvalid, pa.ArrowTypeError):
+                return f"column {f.name!r} is {first[0]} in {first[1].name} but {f.type} in {file.name}"
+    return "the files' schemas cannot be merged"
+
+
+def conform_to(batch: pa.Table, schema: pa.Schema) -> pa.Table:
+    """The batch with every column of `schema` in its type (missing ones as nulls), then the reader's own."""
+    columns = [batch.column(f.name).cast(f.type) if f.name in batch.column_names else pa.nulls(len(batch), f.type)
+               for f in schema]
+    rest = [n for n in batch.column_names if n not in schema.names]
+    return pa.Table.from_arrays(columns + [batch.column(n) for n in rest],
+                                names=schema.names + rest)
 
 
 def check_unique_ids(cfg: InputConfig, fmt: str, shown: int = 3) -> None:
@@ -349,8 +384,15 @@ def assign_ids(batch: pa.Table, id_column: str | None) -> pa.Table:
     return _set(batch, "id", ids)
 
 
-def ids_not_done(batch: pa.Table, id_column: str | None, done: pa.Array) -> pa.Table:
-    """The batch with its `id` column, less the rows whose id is in `done` (written by earlier runs)."""
+def ids_not_done(batch: pa.Table, id_column: str | None, done: pa.Array,
+                 schema: pa.Schema | None = None) -> pa.Table:
+    """The batch with its `id` column, less the rows whose id is in `done` (written by earlier runs).
+
+    With `schema` (the union of the Parquet inputs' schemas) every batch gets the same columns and
+    types first, so blocks of different files can be merged.
+    """
+    if schema is not None:
+        batch = conform_to(batch, schema)
     batch = assign_ids(batch, id_column)
     if len(done) == 0:
         return batch

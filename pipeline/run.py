@@ -50,6 +50,7 @@ class Plan:
     settings: dict                # what decides a row's output (hashed into settings_hash)
     settings_hash: str
     fingerprint: str | None       # of the input files (None where not local)
+    input_schema: Any = None      # pa.Schema: union of the Parquet inputs' schemas (None for other formats)
 
 
 @dataclass
@@ -92,8 +93,9 @@ def plan_job(cfg: JobConfig) -> Plan:
     """Validate everything that can be checked without Ray; raise JobConfigError naming the field."""
     _check_paths(cfg)
     fmt = pio.detect_format(cfg.input)
+    schema = None
     if fmt == "parquet" and "://" not in cfg.input.path:
-        pio.check_parquet_files(cfg.input)
+        schema = pio.check_parquet_files(cfg.input)
     pio.check_columns(cfg.input, pio.peek(cfg.input, fmt))
     if "://" not in cfg.input.path:
         pio.check_unique_ids(cfg.input, fmt)
@@ -104,7 +106,7 @@ def plan_job(cfg: JobConfig) -> Plan:
                 "dtype": cfg.dtype, "seed": cfg.execution.seed,
                 "prompt": cfg.input.messages_column and f"messages:{cfg.input.messages_column}"
                 or f"prompt:{cfg.input.prompt_column}"}
-    return Plan(cfg, fmt, decode, settings, settings_hash(settings), _input_fingerprint(cfg.input.path))
+    return Plan(cfg, fmt, decode, settings, settings_hash(settings), _input_fingerprint(cfg.input.path), schema)
 
 
 def _check_paths(cfg: JobConfig) -> None:
@@ -272,7 +274,7 @@ def build_dataset(plan: Plan, spec: ActorSpec, res: Resources, done: Any, run_id
     cfg = plan.cfg
     ds = read_dataset(cfg.input, plan.fmt)
     ds = ds.map_batches(pio.ids_not_done, batch_format="pyarrow", batch_size=None,
-                        fn_kwargs={"id_column": cfg.input.id_column, "done": done})
+                        fn_kwargs={"id_column": cfg.input.id_column, "done": done, "schema": plan.input_schema})
     if cfg.input.limit:
         ds = ds.limit(cfg.input.limit)
     ds = ds.repartition(target_num_rows_per_block=cfg.rows_per_block)
