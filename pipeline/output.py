@@ -138,6 +138,31 @@ def done_ids(out_dir: str) -> pa.Array:
     return pa.chunked_array([c for col in chunks for c in col.chunks], pa.string()).combine_chunks()
 
 
+def harmonize_parts(out_dir: str) -> int:
+    """Give every part the union of the parts' columns (missing ones as nulls); returns parts rewritten.
+
+    JSONL and CSV files may carry different keys, so parts can differ in their passthrough columns,
+    and readers that take one schema for a directory (datasets.load_dataset) refuse that. Each
+    rewrite is atomic (temp file, then rename over the old part), so a kill leaves the old part.
+    """
+    fs, _ = filesystem(out_dir)
+    paths = part_files(out_dir)
+    schemas = [pq.read_schema(p, filesystem=fs) for p in paths]
+    if all(s.equals(schemas[0]) for s in schemas[1:]):
+        return 0
+    union = pa.unify_schemas(schemas, promote_options="permissive")  # ArrowTypeError where types clash
+    rewritten = 0
+    for path, schema in zip(paths, schemas):
+        if schema.equals(union):
+            continue
+        table = pq.read_table(path, filesystem=fs)
+        full = pa.Table.from_arrays([table.column(f.name).cast(f.type) if f.name in schema.names
+                                     else pa.nulls(table.num_rows, f.type) for f in union], schema=union)
+        write_part(full, out_dir, path.rsplit("/", 1)[-1])
+        rewritten += 1
+    return rewritten
+
+
 def clear(out_dir: str) -> None:
     """Delete a job's output (parts, temporary parts, manifest) for --overwrite; other files stay."""
     fs, base = filesystem(out_dir)

@@ -24,6 +24,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import pyarrow as pa
+
 from pipeline import io as pio
 from pipeline import output
 from pipeline.actor import ActorSpec
@@ -372,6 +374,11 @@ def run(cfg: JobConfig, log: Callable[[str], None] = print) -> Summary:
     finally:
         if started:
             ray.shutdown()
+    try:
+        if rewritten := output.harmonize_parts(out):
+            log(f"{out}: {rewritten} parts given the columns other parts have (inputs differ in their keys)")
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:  # the rows are complete; only one-schema readers mind
+        log(f"{out}: parts differ in column types and were left as they are ({e})")
     counts = output.count_rows(out, run_id=run_id)
     status = "partial" if cfg.input.limit else "complete"
     summary = Summary(out, counts["run_rows"], counts["run_ok"], counts["run_rows"] - counts["run_ok"], len(done),
