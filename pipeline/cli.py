@@ -99,6 +99,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def reference_markdown() -> str:
+    """The config reference table of the README: key, flag, default, meaning (one row per field)."""
+    lines = ["| key | flag | default | meaning |", "|---|---|---|---|"]
+    for dotted, info, _ in leaf_fields():
+        default = "required" if info.is_required() else info.default
+        meaning = (info.description or "").replace("|", "\\|")
+        lines.append(f"| `{dotted}` | `{flag_of(dotted)}` | `{default}` | {meaning} |")
+    return "\n".join(lines)
+
+
 def default_output_dir() -> str:
     """runs/<timestamp> under the working directory."""
     return str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))

@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.config import InputConfig, JobConfigError
-from pipeline.schema import INPUT_ERROR
+from pipeline.schema import INPUT_ERROR, OUTPUT_COLUMNS, passthrough_name
 
 ROW_KEY = "__prophet_row_key"   # "<file>:<row>", added by every reader
 CHUNK_ROWS = 1024               # rows per chunk a reader yields
@@ -367,8 +367,13 @@ def assign_ids(batch: pa.Table, id_column: str | None) -> pa.Table:
     """Set the string `id` column: the input's id column, or the reader's '<file>:<row>' key.
 
     A null or empty input id falls back to the row key and marks the row as an input error, so
-    the row still appears exactly once in the output.
+    the row still appears exactly once in the output. An input column called "id" that is not the
+    id column is kept as a passthrough column ("input_id"), never overwritten.
     """
+    if "id" in batch.column_names and id_column != "id":
+        names = [passthrough_name("id", set(batch.column_names) | set(OUTPUT_COLUMNS)) if n == "id" else n
+                 for n in batch.column_names]
+        batch = batch.rename_columns(names)
     keys = batch.column(ROW_KEY)
     if id_column is None:
         ids = keys

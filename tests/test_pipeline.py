@@ -245,6 +245,22 @@ def test_given_ids_are_strings_and_null_ids_fall_back_with_an_error():
     assert out.column(INPUT_ERROR).to_pylist() == [None, "k is null or empty", None]
     kept = pio.ids_not_done(batch, "k", pa.array(["5"]))
     assert kept.column("id").to_pylist() == ["f:1", "7"]
+    own = pio.assign_ids(batch.append_column("id", pa.array(["a", "b", "c"])), None)
+    assert own.column("id").to_pylist() == ["f:0", "f:1", "f:2"]  # derived, as asked
+    assert own.column("input_id").to_pylist() == ["a", "b", "c"]  # the input's "id" kept, not overwritten
+
+
+def test_cluster_yaml_is_a_valid_launcher_config_with_auth_on_and_a_local_dashboard():
+    import yaml
+    from ray.autoscaler._private.util import fillout_defaults, validate_config
+
+    text = (ROOT / "cluster.yaml").read_text()
+    config = yaml.safe_load(text)
+    validate_config(fillout_defaults(config))
+    start = " ".join(config["head_start_ray_commands"] + config["worker_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in start and start.count("RAY_AUTH_MODE=token") == 2
+    assert "disabled" not in start and config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    assert any("prophet-dlm" in c for c in config["setup_commands"])
 
 
 # ----------------------------------------------------------------------------- output directory
