@@ -43,9 +43,9 @@ class TrainConfig:
     """Hyper-parameters of one run (all recorded next to the checkpoint)."""
 
     family: str = "llada"
-    tasks: tuple[str, ...] = tuple(TASKS)
     steps: int = 2000
-    batch: int = 128             # examples per task per step
+    # examples per step of each task; prefix_sums is the shorter, simpler task and gets fewer
+    batch: tuple[tuple[str, int], ...] = (("sudoku4", 128), ("prefix_sums", 64))
     lr: float = 2e-3
     warmup: int = 100
     final_lr_frac: float = 0.05  # cosine decays to this fraction of lr
@@ -58,7 +58,7 @@ class TrainConfig:
     kv_heads: int = 2            # Dream only (grouped KV like Qwen2); LLaDA uses full heads
     mlp: int = 384
     threads: int = 1
-    max_window: int = 32         # windows are drawn in [longest answer + 1, max_window] per row
+    max_window: int = 24         # windows are drawn in [longest answer + 1, max_window] per row
 
 
 @dataclass
@@ -146,15 +146,15 @@ def train(adapter: NativeAdapter, cfg: TrainConfig, log_every: int = 50,
     module = adapter.module.train()
     opt = torch.optim.AdamW(module.parameters(), lr=cfg.lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay)
     rng, gen = random.Random(cfg.seed), torch.Generator().manual_seed(cfg.seed)
-    tasks = [get_task(n) for n in cfg.tasks]
+    tasks = [(get_task(name), n) for name, n in cfg.batch]
     log, start = [], time.perf_counter()
     for step in range(cfg.steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
         losses = {}
         opt.zero_grad(set_to_none=True)
-        for task in tasks:
-            examples = [task.sample(rng, "train") for _ in range(cfg.batch)]
+        for task, n in tasks:
+            examples = [task.sample(rng, "train") for _ in range(n)]
             # Varied EOS padding: the model then decodes any gen_length up to max_window, not only
             # the task budget's (the pipeline runs every task with one gen_length).
             windows = [rng.randint(task.max_answer_len + 1, cfg.max_window) for _ in examples]
@@ -187,18 +187,28 @@ def heldout_accuracy(model_dir: Path, task_names: Sequence[str], n: int) -> dict
     return out
 
 
+def parse_batch(spec: str) -> tuple[tuple[str, int], ...]:
+    """'sudoku4=128,prefix_sums=64' -> ((name, n), ...); a bare '32' means 32 for every task."""
+    if spec.isdigit():
+        return tuple((name, int(spec)) for name in TASKS)
+    pairs = [item.split("=") for item in spec.split(",")]
+    if not all(len(p) == 2 and p[0] in TASKS and p[1].isdigit() for p in pairs):
+        raise SystemExit(f"--batch {spec!r}: give N or TASK=N,... with tasks from {sorted(TASKS)}")
+    return tuple((name, int(n)) for name, n in pairs)
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--family", choices=("llada", "dream"), required=True)
     p.add_argument("--out", required=True, help="checkpoint directory to write")
     p.add_argument("--steps", type=int, default=TrainConfig.steps)
-    p.add_argument("--batch", type=int, default=TrainConfig.batch, help="examples per task per step")
+    p.add_argument("--batch", default=",".join(f"{k}={v}" for k, v in TrainConfig.batch),
+                   help="examples per step: TASK=N,... (the tasks trained) or one N for every task")
     p.add_argument("--seed", type=int, default=TrainConfig.seed)
     p.add_argument("--max-window", type=int, default=TrainConfig.max_window,
                    help="longest generation window trained (answer + EOS padding)")
     p.add_argument("--warmup", type=int, default=TrainConfig.warmup, help="linear warm-up steps")
     p.add_argument("--threads", type=int, default=TrainConfig.threads, help="torch intra-op threads")
-    p.add_argument("--tasks", default=",".join(TrainConfig.tasks))
     p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="dtype of the saved weights")
     p.add_argument("--save-every", type=int, default=0, help="also write an fp32 snapshot to "
                    "OUT/snapshot every N steps (0 = never)")
@@ -210,9 +220,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict:
     """Train, save with save_model, reload from disk and record the held-out accuracy."""
     args = parse_args(argv)
-    cfg = TrainConfig(family=args.family, steps=args.steps, batch=args.batch, seed=args.seed, warmup=args.warmup,
-                      max_window=args.max_window,
-                      threads=args.threads, tasks=tuple(args.tasks.split(",")))
+    cfg = TrainConfig(family=args.family, steps=args.steps, batch=parse_batch(args.batch), seed=args.seed,
+                      warmup=args.warmup, max_window=args.max_window, threads=args.threads)
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     tokenizer = char_tokenizer()
@@ -229,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
               "config": cfg.__dict__, "parameters": params, "train_seconds": round(seconds, 1),
               "saved_dtype": args.dtype, "final_loss": log[-1], "torch": torch.__version__}
     if args.eval_n:
-        record["heldout_accuracy"] = heldout_accuracy(out, cfg.tasks, args.eval_n)
+        record["heldout_accuracy"] = heldout_accuracy(out, [name for name, _ in cfg.batch], args.eval_n)
     (Path(out) / "training.json").write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps(record))
     return record

@@ -1,24 +1,32 @@
 """Choose Prophet's thresholds, region and statistic for one model on a validation split.
 
-Thresholds are in logit units and their scale differs per model, so they are searched, not
-assumed: for each (region, statistic, shape) a bisection over threshold levels finds the lowest
-level (the earliest commits) whose accuracy stays within the tolerance of Full decoding. Only
-settings that were actually run are ever chosen.
+Thresholds are in logit units and their scale differs per model, so they are searched. The
+search is exact and cheap: until Prophet commits, its trajectory IS Full decoding's (the rule
+runs before each step's normal update and changes nothing when it does not fire). So one traced
+Full run, recording at every step each row's window, top-2 gaps and argmax, tells for any
+(thresholds, region, statistic) at which step a row would go all in and what it would write.
+Thousands of settings are scored from that trace; the chosen one is then run for real through
+`prophet.decode` and only a setting that passes for real is kept.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+import torch
+
 from prophet.config import DecodeConfig
+from prophet.rules import pool_gaps, top2_gap
+from prophet.schedules import prophet_tau
 from prophet.tasks.base import Example, Task
 from prophet.tasks.evaluation import Outcome, run_task, task_config
 from prophet.types import TextDLM
 
-# Threshold levels a (logit units), ascending: the low threshold tau_low of a setting.
-LEVELS: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 10.0, 12.0, 16.0, 20.0)
-# Shapes d: thresholds (a + 2d, a + d, a) over the first, middle and last third of the budget.
-SHAPES: tuple[float, ...] = (0.0, 1.0, 2.5)
+# Low threshold a (logit units) and shape d: thresholds (a + 2d, a + d, a) over the first,
+# middle and last third of the budget. A structured family rather than every triple, so the
+# choice does not overfit the validation prompts.
+LEVELS: tuple[float, ...] = tuple(x / 4 for x in range(1, 81))   # 0.25 .. 20
+SHAPES: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0, 3.0)
 # (statistic, quantile) pairs; the quantile matters only for "quantile".
 STATISTICS: tuple[tuple[str, float], ...] = (("mean", 0.1), ("min", 0.1), ("quantile", 0.1), ("quantile", 0.25))
 
@@ -44,65 +52,145 @@ class Candidate:
                 "statistic": self.statistic, "quantile": self.quantile}
 
 
-def regions_for(config: DecodeConfig) -> tuple[str, ...]:
-    """Regions worth sweeping: 'block' equals 'window' when the window is a single block."""
-    return ("window",) if config.num_blocks == 1 else ("window", "block")
+class TracingModel:
+    """A DLM that forwards to `inner` and records, per forward pass and row, the window state.
 
-
-def lowest_passing(levels: Sequence[float], passes: Callable[[float], bool]) -> None | float:
-    """Bisection for the lowest level that passes, assuming passing is monotone in the level.
-
-    Returns None when even the highest level fails. Each level is tried at most once.
+    Records (prompt key, canvas (G,), top-2 gaps (G,), argmax (G,)) where the prompt key is the
+    row's real prompt tokens, so rows are matched to prompts whatever the batch layout.
     """
-    lo, hi, best = 0, len(levels) - 1, None
-    while lo <= hi:
-        mid = (lo + hi) // 2
-        if passes(levels[mid]):
-            best, hi = levels[mid], mid - 1
-        else:
-            lo = mid + 1
-    return best
+
+    def __init__(self, inner: TextDLM, gen_length: int) -> None:
+        self.inner, self.gen_length = inner, gen_length
+        self.steps: dict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+    def logits(self, ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The inner model's logits, recorded on the way."""
+        out = self.inner.logits(ids, attention_mask)
+        G = self.gen_length
+        lw = out[:, -G:].float()                                      # (B, G, V), as the decoder sees it
+        gaps, top = top2_gap(lw).cpu(), lw.argmax(-1).cpu()           # (B, G) each
+        canvas = ids[:, -G:].cpu()
+        for i, (row, real) in enumerate(zip(ids[:, :-G].cpu(), attention_mask[:, :-G].cpu())):
+            key = tuple(row[real].tolist())
+            self.steps.setdefault(key, []).append((canvas[i], gaps[i], top[i]))
+        return out
 
 
-def choose(rows: Sequence[tuple[Candidate, Outcome]], floor: float) -> tuple[Candidate, Outcome] | None:
-    """The passing setting with the largest speed-up (ties: higher accuracy, then higher thresholds)."""
-    ok = [(c, o) for c, o in rows if o.accuracy >= floor]
-    if not ok:
-        return None
-    return max(ok, key=lambda co: (round(co[1].speedup, 9), co[1].accuracy, co[0].thresholds))
+@dataclass
+class Trace:
+    """Full decoding of N prompts, step by step."""
+
+    full: Outcome               # the real Full run
+    masked: torch.Tensor        # (N, S, G) bool, still-masked window positions before step s
+    gaps: torch.Tensor          # (N, S, G) float32 top-2 logit gaps at step s
+    fill_correct: torch.Tensor  # (N, S) bool: going all in at step s would score correct
+    steps: int                  # the step budget S
+
+
+def trace_full(model: TextDLM, task: Task, examples: Sequence[Example], config: DecodeConfig) -> Trace:
+    """Run Full decoding through a TracingModel and score the all-in fill of every step."""
+    if config.num_blocks != 1:
+        raise ValueError("the traced sweep covers single-block budgets (region 'block' = 'window'); "
+                         f"{task.name} has {config.num_blocks} blocks")
+    tracer = TracingModel(model, config.gen_length)
+    full = run_task(tracer, task, examples, config)  # type: ignore[arg-type]
+    stops = {model.eos_id} | ({model.eot_id} if model.eot_id is not None else set())
+    masked, gaps, correct = [], [], []
+    for ex in examples:
+        rec = tracer.steps[tuple(model.encode(ex.prompt))]
+        canvas = torch.stack([c for c, _, _ in rec])                    # (S, G)
+        top = torch.stack([t for _, _, t in rec])                       # (S, G)
+        m = canvas == model.mask_id
+        fills = torch.where(m, top, canvas).tolist()
+        correct.append([task.score(ex.prompt, model.decode(_before_stop(f, stops))) for f in fills])
+        masked.append(m)
+        gaps.append(torch.stack([g for _, g, _ in rec]))
+    S = max(len(c) for c in correct)
+    if any(len(c) != S for c in correct):
+        raise RuntimeError("rows of a Full run took different numbers of steps; cannot trace them together")
+    return Trace(full, torch.stack(masked), torch.stack(gaps), torch.tensor(correct), config.steps)
+
+
+def _before_stop(tokens: list[int], stops: set[int]) -> list[int]:
+    return next((tokens[:i] for i, t in enumerate(tokens) if t in stops), tokens)
+
+
+def pooled_gaps(trace: Trace, statistic: str, quantile: float) -> torch.Tensor:
+    """(N, S) pooled gap G of each row at each step over its still-masked window positions."""
+    N, S, G = trace.gaps.shape
+    flat = pool_gaps(trace.gaps.reshape(N * S, G), trace.masked.reshape(N * S, G), statistic, quantile)
+    return flat.reshape(N, S)
+
+
+def simulate(trace: Trace, pooled: torch.Tensor, thresholds: tuple[float, float, float]) -> tuple[float, float]:
+    """(accuracy, mean steps) of Prophet with these thresholds, from the trace."""
+    N, S = pooled.shape
+    tau = prophet_tau(torch.arange(S), trace.steps, thresholds)              # (S,)
+    fire = pooled.double() >= tau[None, :]                                    # (N, S); NaN never fires
+    fired = fire.any(1)
+    first = torch.where(fired, fire.long().argmax(1), S - 1)                 # (N,) 0-based commit step
+    full_ok = torch.tensor(trace.full.correct)
+    ok = torch.where(fired, trace.fill_correct.gather(1, first[:, None])[:, 0], full_ok)
+    used = torch.where(fired, first + 1, torch.tensor(trace.full.steps))
+    return float(ok.double().mean()), float(used.double().mean())
+
+
+def sweep(trace: Trace, region: str = "window") -> list[tuple[Candidate, float, float]]:
+    """Every candidate of the grid with its simulated (accuracy, mean steps)."""
+    rows = []
+    for stat, q in STATISTICS:
+        pooled = pooled_gaps(trace, stat, q)
+        for shape in SHAPES:
+            for level in LEVELS:
+                cand = Candidate(region, stat, q, shape, level)
+                rows.append((cand, *simulate(trace, pooled, cand.thresholds)))
+    return rows
+
+
+def ranked(rows: Sequence[tuple[Candidate, float, float]], floor: float) -> list[tuple[Candidate, float, float]]:
+    """Passing candidates, fewest steps first (ties: higher accuracy, then higher thresholds)."""
+    ok = [r for r in rows if r[1] >= floor]
+    return sorted(ok, key=lambda r: (round(r[2], 9), -r[1], tuple(-t for t in r[0].thresholds)))
+
+
+def best_per_group(rows: Sequence[tuple[Candidate, float, float]], floor: float) -> list[tuple[Candidate, float, float]]:
+    """For each (statistic, shape), the fastest passing candidate (the people-readable table)."""
+    best: dict[tuple, tuple[Candidate, float, float]] = {}
+    for r in ranked(rows, floor):
+        best.setdefault((r[0].statistic, r[0].quantile, r[0].shape), r)
+    return list(best.values())
 
 
 def calibrate(model: TextDLM, task: Task, examples: Sequence[Example], tolerance: float = 0.5,
-              log: Callable[[str], None] = print) -> dict:
+              log: Callable[[str], None] = print, max_verify: int = 5) -> dict:
     """Sweep on `examples` and return the calibration file's dict (decode fields + validation table).
 
     tolerance is in accuracy points (0.5 = half a percentage point below Full).
     """
     full_cfg = task_config(model, task)
-    full = run_task(model, task, examples, full_cfg)
+    trace = trace_full(model, task, examples, full_cfg)
+    full = trace.full
     floor = full.accuracy - tolerance / 100 - 1e-12  # the epsilon keeps "equal to the floor" passing
     log(f"full: accuracy {full.accuracy:.4f} over {full.n} prompts; floor {floor:.4f}")
-    rows: list[tuple[Candidate, Outcome]] = []
-
-    def passes_for(region: str, stat: str, q: float, shape: float) -> Callable[[float], bool]:
-        def passes(level: float) -> bool:
-            cand = Candidate(region, stat, q, shape, level)
-            out = run_task(model, task, examples, task_config(model, task, **cand.decode_fields()))
-            rows.append((cand, out))
-            log(f"{out.rule}: accuracy {out.accuracy:.4f} steps {out.mean_steps:.2f} ({out.speedup:.2f}x)")
-            return out.accuracy >= floor
-        return passes
-
-    for region in regions_for(full_cfg):
-        for stat, q in STATISTICS:
-            for shape in SHAPES:
-                lowest_passing(LEVELS, passes_for(region, stat, q, shape))
-    picked = choose(rows, floor)
-    if picked is None:
-        raise RuntimeError(f"no Prophet setting kept accuracy within {tolerance} points of Full "
-                           f"({full.accuracy:.4f}) on {task.name}: raise the tolerance or the levels")
-    best, out = picked
-    return {"decode": best.decode_fields(), "model": model.name, "task": task.name,
-            "validation": {"split": "valid", "n": full.n, "tolerance_points": tolerance,
-                           "full": full.row(model.name, task.name), "chosen": out.row(model.name, task.name),
-                           "table": [o.row(model.name, task.name) for _, o in rows]}}
+    rows = sweep(trace)
+    table = []
+    for cand, acc, steps in best_per_group(rows, floor):
+        log(f"simulated {cand.statistic} q{cand.quantile:g} {cand.thresholds}: accuracy {acc:.4f} steps {steps:.2f}")
+        table.append({"decode": cand.decode_fields(), "accuracy": round(acc, 4), "mean_steps": round(steps, 4),
+                      "speedup": round(full.budget / steps, 4)})
+    for cand, acc, steps in ranked(rows, floor)[:max_verify]:
+        real = run_task(model, task, examples, task_config(model, task, **cand.decode_fields()))
+        log(f"verified {real.rule}: accuracy {real.accuracy:.4f} (simulated {acc:.4f}) steps "
+            f"{real.mean_steps:.2f} (simulated {steps:.2f})")
+        if real.accuracy >= floor:
+            return {"decode": cand.decode_fields(), "model": model.name, "task": task.name,
+                    "validation": {"split": "valid", "n": full.n, "tolerance_points": tolerance,
+                                   "settings_simulated": len(rows), "full": full.row(model.name, task.name),
+                                   "chosen": real.row(model.name, task.name),
+                                   "chosen_simulated": {"accuracy": round(acc, 4), "mean_steps": round(steps, 4)},
+                                   "best_per_statistic_and_shape": table}}
+    raise RuntimeError(f"no Prophet setting kept accuracy within {tolerance} points of Full "
+                       f"({full.accuracy:.4f}) on {task.name}: raise the tolerance or widen LEVELS")
