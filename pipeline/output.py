@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 import uuid
 from typing import Any
@@ -23,6 +24,7 @@ from pipeline.config import JobConfigError
 from pipeline.schema import MANIFEST, OUTPUT_COLUMNS, OUTPUT_SCHEMA
 
 TMP_SUFFIX = ".tmp"
+PART_NAME = re.compile(r"part-.+-\d{6}\.parquet")  # what part_name() makes
 
 
 def filesystem(out_dir: str) -> tuple[pafs.FileSystem, str]:
@@ -163,11 +165,21 @@ def harmonize_parts(out_dir: str) -> int:
     return rewritten
 
 
+def foreign_parquet(out_dir: str) -> list[str]:
+    """Visible Parquet files of the output directory whose names this pipeline never writes."""
+    return [p for p in part_files(out_dir) if not PART_NAME.fullmatch(p.rsplit("/", 1)[-1])]
+
+
 def clear(out_dir: str) -> None:
-    """Delete a job's output (parts, temporary parts, manifest) for --overwrite; other files stay."""
+    """Delete a job's output (its parts, temporary parts, manifest) for --overwrite; other files stay.
+
+    Only files named like this pipeline's parts are deleted: an --overwrite pointed at a directory
+    of someone's own Parquet data must not destroy it (prepare_output refuses such a directory).
+    """
     fs, base = filesystem(out_dir)
     for path in part_files(out_dir):
-        fs.delete_file(path)
+        if PART_NAME.fullmatch(path.rsplit("/", 1)[-1]):
+            fs.delete_file(path)
     remove_temp_files(out_dir)
     manifest = _join(base, MANIFEST)
     if fs.get_file_info(manifest).type == pafs.FileType.File:

@@ -171,6 +171,11 @@ def prepare_output(plan: Plan) -> tuple[dict | None, bool]:
     """Overwrite or check that a resumed output belongs to this job; returns (old manifest, complete)."""
     cfg, out = plan.cfg, plan.cfg.output.dir
     if cfg.output.overwrite:
+        foreign = output.foreign_parquet(out)
+        if foreign:
+            raise JobConfigError(f"output.dir: {out} holds Parquet files this pipeline did not write "
+                                 f"({', '.join(Path(f).name for f in foreign[:3])}); --overwrite deletes only its "
+                                 "own parts, so choose another directory")
         output.clear(out)
         return None, False
     old = output.read_manifest(out)
