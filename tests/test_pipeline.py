@@ -129,6 +129,13 @@ def test_default_job_resolves_paths_against_the_checkout(tmp_path, monkeypatch):
     assert cfg.model.dir == str(ROOT / "checkpoints/tiny-llada") and cfg.output.dir == "somewhere"
 
 
+def test_readme_config_reference_is_current():
+    from pipeline.cli import reference_markdown
+
+    assert reference_markdown() in (ROOT / "README.md").read_text(), \
+        "README's configuration reference is stale: paste pipeline.cli.reference_markdown() into it"
+
+
 def test_bad_flags_fail_before_ray_with_exit_code_2(tmp_path):
     code = ("import sys; sys.argv = ['generate.py', '--input', 'x.jsonl', '--output', 'o', '--steps', 'abc'];"
             "sys.path.insert(0, 'jobs'); import generate; rc = generate.main(sys.argv[1:]);"
