@@ -230,7 +230,12 @@ def read_pickles(weights: WeightFiles, device: torch.device, dtype: torch.dtype)
     """The opt-in path: torch.load(weights_only=True) file by file, cast on the device."""
     state: dict[str, torch.Tensor] = {}
     for file in weights.shards:
-        loaded = torch.load(str(file), map_location=device, weights_only=True)
+        try:
+            loaded = torch.load(str(file), map_location=device, weights_only=True)
+        except Exception as e:  # UnpicklingError for anything but plain tensors (code, custom classes)
+            why = next((ln.strip() for ln in str(e).splitlines() if "unsupported" in ln.lower()), type(e).__name__)
+            raise ModelLoadError(f"{file} holds more than plain tensors and was refused, nothing in it ran "
+                                 f"(torch.load(weights_only=True): {why})") from None
         if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
             raise ModelLoadError(f"{file} is not a flat state dict of tensors")
         state.update({k: v.to(dtype) for k, v in loaded.items()})
