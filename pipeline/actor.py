@@ -86,6 +86,11 @@ def prompt_text(prompt: Any, messages: Any, use_messages: bool, render_chat: Any
             return None, f"chat template failed: {type(e).__name__}: {e}"
     if prompt is None:
         return None, "prompt is null"
+    if isinstance(prompt, bytes):  # a binary column (Parquet): text only where it is UTF-8
+        try:
+            prompt = prompt.decode("utf-8")
+        except UnicodeDecodeError as e:
+            return None, f"prompt is not valid UTF-8 ({e.reason} at byte {e.start})"
     if not isinstance(prompt, str):
         return None, f"prompt is a {type(prompt).__name__}, not a string"
     if not prompt.strip():
