@@ -155,7 +155,35 @@ def _print_table(work: Workload, rows: list[tuple[str, dict]], mixed: dict, args
               f"{r['step_speedup']:>8.2f} {r['wall_speedup']:>7.2f} {r['ratio']:>6.2f}")
 
 
-SECTIONS: dict[str, Callable[[argparse.Namespace], dict]] = {"batching": bench_batching}
+def bench_pipeline(args: argparse.Namespace) -> dict:
+    """Pipeline steady rows/s (2 actors x 1 thread, local Ray) over the bare decode loop (one process,
+    2 threads) on the same prompts, model and settings, and the fixed start-up seconds."""
+    import tempfile
+
+    from pipeline.benchmark import measure, random_tiny_llada
+    from prophet.tasks import TASKS
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model = TINY_LLADA if (TINY_LLADA / "config.json").exists() else random_tiny_llada(Path(tmp) / "rand")
+        per_task = args.pipeline_prompts // len(TASKS)
+        rows = [{"id": f"{t.name}-{i}", "prompt": ex.prompt} for t in TASKS.values()
+                for i, ex in enumerate(t.examples("test", per_task, seed=0))]
+        cal = model / "calibration.json"
+        overrides = {"decoding.gen_length": 24, "decoding.steps": 24, "decoding.batch_size": args.batch_size,
+                     "execution.batch_size": args.pipeline_batch_size,
+                     **({"decoding.calibration": str(cal)} if cal.exists() else {"decoding.rule": "prophet"})}
+        out = measure(model, rows, Path(tmp), overrides)
+    out["model"] = str(model.relative_to(ROOT)) if model == TINY_LLADA else "random-init tiny LLaDA (no checkpoint)"
+    print(f"pipeline: {out['rows']} prompts, {out['model']}, rule {out['decode']['rule']}, "
+          f"{out['actors']} actors x 1 thread vs bare loop x {out['bare_threads']} threads")
+    print(f"  pipeline steady {out['pipeline_rows_per_s']:.1f} rows/s over {out['steady_window_s']:.1f}s; bare "
+          f"{out['bare_rows_per_s']:.1f} rows/s (before/after {out['bare_before_after']}); ratio {out['ratio']:.2f}")
+    print(f"  vs two ideal 1-thread loops ({out['bare_1thread_rows_per_s']:.1f} rows/s each): {out['ratio_vs_ideal']:.2f}; "
+          f"start-up {out['startup_s']:.1f}s of {out['wall_s']:.1f}s wall; load avg {out['load_avg_1min']}")
+    return out
+
+
+SECTIONS: dict[str, Callable[[argparse.Namespace], dict]] = {"batching": bench_batching, "pipeline": bench_pipeline}
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -168,6 +196,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--batch1-prompts", type=int, default=64, help="batching: prompts decoded at batch size 1")
     p.add_argument("--batch-size", type=int, default=32, help="batching: slots in the forward pass")
     p.add_argument("--repeats", type=int, default=3, help="timed repetitions per setting (median)")
+    p.add_argument("--pipeline-prompts", type=int, default=2048, help="pipeline: prompts (half per task)")
+    p.add_argument("--pipeline-batch-size", type=int, default=128, help="pipeline: rows per actor call")
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads (1: on a busy 2-core machine small ops with 2 threads wait "
                         "on each other)")

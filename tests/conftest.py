@@ -24,7 +24,7 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled", "DS_ACCELERATOR": "cpu"}})
     yield ray
     ray.shutdown()
@@ -39,15 +39,9 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     """The shipped tiny LLaDA when it is there, else a random-init tiny LLaDA saved the same way."""
     if _has_weights(SHIPPED_LLADA):
         return SHIPPED_LLADA
-    import torch
+    from pipeline.benchmark import random_tiny_llada
 
-    from prophet.models import CHAR_TOKEN_IDS, LLaDAConfig, LLaDAModel, char_tokenizer, save_model
-
-    tok = char_tokenizer()
-    torch.manual_seed(0)
-    module = LLaDAModel(LLaDAConfig(d_model=32, n_heads=2, n_layers=1, mlp_hidden_size=64,
-                                    vocab_size=tok.vocab_size, max_sequence_length=64, **CHAR_TOKEN_IDS))
-    return save_model(module, tok, tmp_path_factory.mktemp("models") / "rand-llada")
+    return random_tiny_llada(tmp_path_factory.mktemp("models") / "rand-llada")
 
 
 @pytest.fixture(scope="session")
