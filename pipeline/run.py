@@ -234,6 +234,14 @@ def connect_ray(cfg: JobConfig) -> bool:
     return False
 
 
+def _largest_node_cpus() -> float | None:
+    """CPUs of the biggest alive node (an actor must fit on one)."""
+    import ray
+
+    cpus = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
+    return max(cpus) if cpus else None
+
+
 @dataclass(frozen=True)
 class Resources:
     """Per-actor resources decided from the config and the cluster."""
@@ -243,15 +251,19 @@ class Resources:
     threads: int
 
 
-def resolve_resources(cfg: JobConfig, cluster: dict) -> Resources:
-    """Per-actor CPUs/GPUs; on CPU, refuse a pool that would leave no CPU for read/write tasks."""
+def resolve_resources(cfg: JobConfig, cluster: dict, node_cpus: float | None = None) -> Resources:
+    """Per-actor CPUs/GPUs; on CPU, refuse a pool that would leave no CPU for read/write tasks.
+
+    `node_cpus` (the largest node's CPUs) caps the default share, so an actor fits on one node.
+    """
     ex = cfg.execution
     total = float(cluster.get("CPU", 0))
     if ex.gpus_per_actor > 0:
         cpus = ex.cpus_per_actor or 1.0
     else:
         # the deadlock trap: actors holding every logical CPU starve the read and write tasks
-        cpus = ex.cpus_per_actor or math.floor(100 * max(total - 1, total / 2) / ex.actors) / 100
+        share = max(total - 1, total / 2) / ex.actors
+        cpus = ex.cpus_per_actor or math.floor(100 * min(share, node_cpus or share)) / 100
         if cpus <= 0 or ex.actors * cpus > total - 0.25:
             raise JobConfigError(f"execution: {ex.actors} actors x {cpus} CPUs leave no CPU of the cluster's "
                                  f"{total:g} for read/write tasks (the job would hang): lower "
@@ -306,7 +318,7 @@ def configure_data_context(cfg: JobConfig) -> None:
     DataContext.get_current().wait_for_min_actors_s = cfg.execution.actor_start_timeout_s
 
 
-def execute(ds: Any, sink: Any, cfg: JobConfig, cluster: dict) -> None:
+def execute(ds: Any, sink: Any, cfg: JobConfig, cluster: dict, res: Resources) -> None:
     """Run the pipeline; a pool that cannot start (no GPU, say) fails within the configured wait."""
     try:
         ds.write_datasink(sink)
@@ -321,10 +333,11 @@ def execute(ds: Any, sink: Any, cfg: JobConfig, cluster: dict) -> None:
             raise
         ex = cfg.execution
         raise PipelineError(
-            f"no actor started within execution.actor_start_timeout_s={ex.actor_start_timeout_s}s: each actor "
-            f"asks for {ex.gpus_per_actor:g} GPU(s) and the cluster has {cluster.get('GPU', 0):g} GPU(s) and "
-            f"{cluster.get('CPU', 0):g} CPU(s). Use a cluster with GPUs (or let its autoscaler add them), "
-            "lower execution.gpus_per_actor/actors, or set gpus_per_actor: 0 to run on CPU") from None
+            f"no actor started within execution.actor_start_timeout_s={ex.actor_start_timeout_s}s: each of "
+            f"{ex.actors} actors asks for {res.gpus:g} GPU(s) and {res.cpus:g} CPU(s); the cluster has "
+            f"{cluster.get('GPU', 0):g} GPU(s) and {cluster.get('CPU', 0):g} CPU(s). Use a cluster with the GPUs "
+            "(or let its autoscaler add them), lower execution.gpus_per_actor, cpus_per_actor or actors, or set "
+            "gpus_per_actor: 0 to run on CPU") from None
 
 
 def _write_failure(e: BaseException | None) -> output.OutputWriteError | None:
@@ -366,13 +379,13 @@ def run(cfg: JobConfig, log: Callable[[str], None] = print) -> Summary:
     started = connect_ray(cfg)
     try:
         cluster = {k: float(v) for k, v in ray.cluster_resources().items()}
-        res = resolve_resources(cfg, cluster)
+        res = resolve_resources(cfg, cluster, _largest_node_cpus())
         manifest = _manifest(plan, old, run_id, t0, cluster, res)
         output.write_manifest(out, manifest)
         configure_data_context(cfg)
         ds, sink = build_dataset(plan, actor_spec(plan, res), res, done, run_id)
         try:
-            execute(ds, sink, cfg, cluster)
+            execute(ds, sink, cfg, cluster, res)
         except BaseException as e:
             _mark_failed(out, manifest, e)
             raise

@@ -96,6 +96,20 @@ def test_preset_calibration_and_anchor(tmp_path):
     assert anchored.decode_config("llada", (7,)).anchor_ids == (7,)
 
 
+def test_cpu_actors_leave_a_cpu_for_read_and_write_tasks(tmp_path):
+    from pipeline.run import resolve_resources
+
+    cfg = load_job_config(None, base(tmp_path))  # 2 actors on CPU
+    assert resolve_resources(cfg, {"CPU": 3.0}) == resolve_resources(cfg, {"CPU": 3.0}, 3.0)
+    assert resolve_resources(cfg, {"CPU": 3.0}).cpus == 1.0 and resolve_resources(cfg, {"CPU": 2.0}).cpus == 0.5
+    assert resolve_resources(cfg, {"CPU": 33.0}, node_cpus=8.0).cpus == 8.0  # one actor fits on one node
+    greedy = load_job_config(None, base(tmp_path, **{"execution.cpus_per_actor": 1}))
+    with pytest.raises(JobConfigError, match="leave no CPU .* for read/write tasks"):
+        resolve_resources(greedy, {"CPU": 2.0})
+    gpu = load_job_config(None, base(tmp_path, **{"execution.gpus_per_actor": 1}))
+    assert resolve_resources(gpu, {"CPU": 2.0}).cpus == 1.0 and resolve_resources(gpu, {"CPU": 2.0}).gpus == 1
+
+
 def test_yaml_and_flags_flags_win(tmp_path):
     job = tmp_path / "job.yaml"
     job.write_text(f"input: {{path: {tmp_path}/in.jsonl}}\noutput: {{dir: {tmp_path}/o}}\n"

@@ -186,7 +186,7 @@ def test_a_gpu_request_on_a_cluster_without_gpus_fails_within_the_wait(ray_local
     src = write_jsonl(tmp_path / "p.jsonl", task_rows[:4])
     cfg = job(tmp_path, tiny_model_dir, src, **{"execution.gpus_per_actor": 1, "execution.actor_start_timeout_s": 3})
     t0 = time.time()
-    with pytest.raises(PipelineError, match=r"asks for 1 GPU\(s\) and the cluster has 0 GPU\(s\)"):
+    with pytest.raises(PipelineError, match=r"asks for 1 GPU\(s\) and 0.5 CPU\(s\); the cluster has 0 GPU\(s\)"):
         run(cfg, log=lambda _: None)
     assert time.time() - t0 < 60
     assert output.part_files(cfg.output.dir) == []
