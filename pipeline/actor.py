@@ -122,7 +122,7 @@ class GenerateActor:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         import torch
 
-        from prophet.config import DecodeConfig
+        from pipeline.config import decode_config_from_dict
         from prophet.models import load_model
 
         torch.set_num_threads(spec.threads)
@@ -132,8 +132,7 @@ class GenerateActor:
                                 trust_remote_code=spec.trust_remote_code, revision=spec.revision)
         if spec.engine == "deepspeed":
             self.model.module = wrap_with_deepspeed(self.model.module, dtype)
-        self.config = DecodeConfig(**{**spec.decode, "thresholds": tuple(spec.decode["thresholds"]),
-                                      "anchor_ids": tuple(spec.decode["anchor_ids"])})
+        self.config = decode_config_from_dict(spec.decode)
         self.max_prompt = self.model.max_length - self.config.gen_length
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
 

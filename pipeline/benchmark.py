@@ -42,7 +42,7 @@ def bare_rate(model_dir: Path, texts: Sequence[str], ids: Sequence[str], decode:
     import torch
 
     from pipeline.actor import row_seed
-    from prophet.config import DecodeConfig
+    from pipeline.config import decode_config_from_dict
     from prophet.decode import decode as run_decode
     from prophet.models import load_model
 
@@ -50,8 +50,7 @@ def bare_rate(model_dir: Path, texts: Sequence[str], ids: Sequence[str], decode:
     torch.set_num_threads(threads)
     try:
         model = load_model(model_dir)
-        cfg = DecodeConfig(**{**decode, "thresholds": tuple(decode["thresholds"]),
-                              "anchor_ids": tuple(decode["anchor_ids"])})
+        cfg = decode_config_from_dict(decode)
         prompts = [model.encode(t) for t in texts]
         seeds = [row_seed(seed, i) for i in ids]
         run_decode(model, prompts[:16], cfg, seeds=seeds[:16])  # warm-up

@@ -205,6 +205,11 @@ class JobConfig(_Section):
             raise JobConfigError(f"decoding: {e}") from e
 
 
+def decode_config_from_dict(d: dict) -> DecodeConfig:
+    """A DecodeConfig from its to_dict() form (JSON lists back to tuples)."""
+    return DecodeConfig(**{**d, "thresholds": tuple(d["thresholds"]), "anchor_ids": tuple(d["anchor_ids"])})
+
+
 def settings_hash(settings: dict) -> str:
     """Short stable hash of a JSON-able settings dict (the key into manifest.json 'settings')."""
     blob = json.dumps(settings, sort_keys=True, separators=(",", ":"))

@@ -148,12 +148,22 @@ def _model_facts(cfg: JobConfig) -> tuple[str, tuple[int, ...]]:
     return host, ids
 
 
-def _model_fingerprint(model_dir: str) -> str:
-    """Hash of the model directory's file names, sizes and config.json (weights are not read)."""
-    root = Path(model_dir)
-    items = sorted((p.name, p.stat().st_size) for p in root.iterdir() if p.is_file())
-    config = (root / "config.json").read_bytes() if (root / "config.json").is_file() else b""
-    return hashlib.sha256(json.dumps(items).encode() + config).hexdigest()[:16]
+def _model_fingerprint(model_dir: str, sample: int = 1 << 20) -> str:
+    """Hash of the model directory's files: names, sizes, and the first and last MiB of each.
+
+    Retrained weights keep their sizes but change everywhere, so the samples tell them apart;
+    reading all of an 8B model's 16 GB would cost more than the check is worth.
+    """
+    digest = hashlib.sha256()
+    for p in sorted(q for q in Path(model_dir).iterdir() if q.is_file()):
+        size = p.stat().st_size
+        digest.update(f"{p.name}:{size}".encode())
+        with open(p, "rb") as f:
+            digest.update(f.read(sample))
+            if size > 2 * sample:
+                f.seek(size - sample)
+                digest.update(f.read(sample))
+    return digest.hexdigest()[:16]
 
 
 def _input_fingerprint(path: str) -> str | None:
