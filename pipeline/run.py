@@ -191,8 +191,9 @@ def prepare_output(plan: Plan) -> tuple[dict | None, bool]:
     old = output.read_manifest(out)
     if old is None:
         if output.part_files(out):
+            fix = "choose another directory" + ("" if output.foreign_parquet(out) else " or pass --overwrite")
             raise JobConfigError(f"output.dir: {out} holds Parquet files but no manifest.json; it is not this "
-                                 "pipeline's output: choose another directory or pass --overwrite")
+                                 f"pipeline's output: {fix}")
         return None, False
     if old.get("settings_hash") != plan.settings_hash:
         diff = _diff(old.get("settings", {}).get(old.get("settings_hash"), {}), plan.settings)
