@@ -222,9 +222,20 @@ def _input_case(tmp: Path, case: str) -> tuple[Path, dict]:
         return _jsonl(tmp / "p.jsonl", [{"prompt": GOOD}]), {"input.messages_column": "chat"}
     if case == "missing id column":
         return _jsonl(tmp / "p.jsonl", [{"prompt": GOOD}]), {"input.id_column": "uid"}
-    if case == "duplicate ids":
-        return _jsonl(tmp / "p.jsonl", [{"prompt": GOOD, "k": k} for k in ("k0", "k1", "k2", "k1")]), \
-            {"input.id_column": "k"}
+    if case.startswith("duplicate ids"):
+        keys = ["k0", "k1", "k2", "k1"]
+        if "Parquet" in case:
+            pq.write_table(pa.table({"prompt": [GOOD] * 4, "k": keys}), tmp / "p.parquet")
+            return tmp / "p.parquet", {"input.id_column": "k"}
+        if "CSV" in case:
+            (tmp / "p.csv").write_text("prompt,k\n" + "".join(f"{GOOD},{k}\n" for k in keys))
+            return tmp / "p.csv", {"input.id_column": "k"}
+        if "saved dataset" in case:
+            import datasets
+
+            datasets.Dataset.from_dict({"prompt": [GOOD] * 4, "k": keys}).save_to_disk(str(tmp / "hf"))
+            return tmp / "hf", {"input.id_column": "k"}
+        return _jsonl(tmp / "p.jsonl", [{"prompt": GOOD, "k": k} for k in keys]), {"input.id_column": "k"}
     if case == "empty JSONL file":
         return _raw("jsonl", b"\n\n")(tmp, 0), {}
     if case == "zero-row Parquet":
@@ -252,6 +263,9 @@ INPUT_CASES = {
     "missing messages column": r"input\.messages_column: the input has no column 'chat'",
     "missing id column": r"input\.id_column: the input has no column 'uid'",
     "duplicate ids": r"input\.id_column: 1 ids of column 'k' appear more than once \('k1' x2\)",
+    "duplicate ids (Parquet)": r"input\.id_column: 1 ids of column 'k' appear more than once \('k1' x2\)",
+    "duplicate ids (CSV)": r"input\.id_column: 1 ids of column 'k' appear more than once \('k1' x2\)",
+    "duplicate ids (saved dataset)": r"input\.id_column: 1 ids of column 'k' appear more than once \('k1' x2\)",
     "empty JSONL file": r"input\.path: .*p\.jsonl has no rows",
     "zero-row Parquet": r"input\.path: .*p\.parquet has no rows",
     "empty directory": r"input\.format: cannot tell the format .*no files",
