@@ -62,6 +62,13 @@ def _base_type(annotation: Any) -> Any:
     return annotation
 
 
+def _none_or(convert: Any) -> Any:
+    """An argparse type: 'none' or 'null' -> None (unset an optional field), else convert(text)."""
+    def parse(text: str) -> Any:
+        return None if text.strip().lower() in ("none", "null") else convert(text)
+    return parse
+
+
 def _comma_list(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
@@ -84,17 +91,23 @@ def build_parser() -> argparse.ArgumentParser:
             raise AssertionError(f"two fields share the flag {flag}; add one to FLAG_NAMES")
         seen.add(flag)
         kind = _base_type(annotation)
+        optional = kind is not annotation
         default = None if info.default is PydanticUndefined else info.default
-        help_ = f"{info.description} [{dotted}; default: {'required' if info.is_required() else default}]"
+        help_ = (f"{info.description}{' (none = unset)' if optional else ''} "
+                 f"[{dotted}; default: {'required' if info.is_required() else default}]")
         kw: dict[str, Any] = {"dest": dotted, "default": argparse.SUPPRESS, "help": help_.replace("%", "%%")}
         if kind is bool:
             kw["action"] = argparse.BooleanOptionalAction
         elif get_origin(kind) is tuple:
             kw.update(type=_comma_list, metavar="A,B,...")
         elif get_origin(kind) is Literal:
-            kw.update(choices=[str(c) for c in get_args(kind)], metavar="{" + ",".join(map(str, get_args(kind))) + "}")
+            names = [str(c) for c in get_args(kind)] + (["none"] if optional else [])
+            kw.update(choices=[*names[:len(get_args(kind))], *([None] if optional else [])],
+                      metavar="{" + ",".join(names) + "}")
         else:
             kw["metavar"] = flag.lstrip("-").replace("-", "_").upper()
+        if optional and kind is not bool:
+            kw["type"] = _none_or(kw.get("type", str))
         groups[dotted.split(".")[0]].add_argument(flag, **kw)
     return p
 

@@ -117,6 +117,8 @@ def test_yaml_and_flags_flags_win(tmp_path):
     cfg, _ = config_from_args(["--config", str(job), "--steps", "4", "--thresholds", "9,5,1", "--no-continuous"])
     assert (cfg.decoding.steps, cfg.decoding.gen_length) == (4, 16)
     assert cfg.decoding.thresholds == (9.0, 5.0, 1.0) and cfg.decoding.continuous is False
+    unset, _ = config_from_args(["--config", str(job), "--block-length", "none", "--dtype", "none", "--host", "none"])
+    assert (unset.decoding.block_length, unset.model.dtype, unset.decoding.host) == (None, None, None)
     assert cfg.output.dir == f"{tmp_path}/o"
     bad = tmp_path / "bad.yaml"
     bad.write_text("- just\n- a list\n")
