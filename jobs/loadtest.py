@@ -30,8 +30,9 @@ MB = 1 << 20
 
 @dataclass
 class RssSampler:
-    """Polls the RSS of every process whose command line names `needle` (Ray titles actor workers
-    after their class), plus this process, until stopped; samples are (seconds since start, bytes)."""
+    """Polls the RSS of this process's descendants whose command line names `needle` (Ray titles actor
+    workers after their class; a local Ray started here is our child, so other jobs' actors on the
+    machine are not counted), plus this process, until stopped; samples are (seconds since start, bytes)."""
 
     needle: str = "GenerateActor"
     interval_s: float = 0.5
@@ -58,9 +59,9 @@ class RssSampler:
         while not self._stop.is_set():
             now = time.time() - self._t0
             self.driver.append(me.memory_info().rss)
-            for p in psutil.process_iter(["cmdline"]):
+            for p in me.children(recursive=True):
                 try:
-                    if self.needle in " ".join(p.info["cmdline"] or []):
+                    if self.needle in " ".join(p.cmdline()):
                         self.samples.setdefault(p.pid, []).append((now, p.memory_info().rss))
                 except psutil.Error:  # gone between listing and reading
                     continue
