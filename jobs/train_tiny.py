@@ -44,8 +44,8 @@ class TrainConfig:
 
     family: str = "llada"
     steps: int = 2000
-    # examples per step of each task; prefix_sums is the shorter, simpler task and gets fewer
-    batch: tuple[tuple[str, int], ...] = (("sudoku4", 128), ("prefix_sums", 64))
+    # examples per step of each task; running_parity is the simpler task and gets fewer
+    batch: tuple[tuple[str, int], ...] = (("sudoku4", 128), ("running_parity", 64))
     lr: float = 2e-3
     warmup: int = 100
     final_lr_frac: float = 0.05  # cosine decays to this fraction of lr
@@ -188,7 +188,7 @@ def heldout_accuracy(model_dir: Path, task_names: Sequence[str], n: int) -> dict
 
 
 def parse_batch(spec: str) -> tuple[tuple[str, int], ...]:
-    """'sudoku4=128,prefix_sums=64' -> ((name, n), ...); a bare '32' means 32 for every task."""
+    """'sudoku4=128,running_parity=64' -> ((name, n), ...); a bare '32' means 32 for every task."""
     if spec.isdigit():
         return tuple((name, int(spec)) for name in TASKS)
     pairs = [item.split("=") for item in spec.split(",")]

@@ -4,7 +4,7 @@ import random
 import pytest
 
 from prophet.tasks import ALPHABET, SPLITS, TASKS, bucket, get_task
-from prophet.tasks.prefix_sums import running_sums
+from prophet.tasks.running_sums import RunningSums, running_sums
 from prophet.tasks.sudoku import all_grids, is_valid_grid, solutions
 
 
@@ -44,9 +44,16 @@ def test_sudoku_scorer_rejects_a_valid_grid_that_ignores_the_givens():
     assert is_valid_grid(other) and not task.score(ex.prompt, other)
 
 
-def test_running_sums():
+def test_running_sums_and_parity():
     assert running_sums("3517") == "3896"
     assert running_sums("999") == "987"
+    assert running_sums("0110100", modulus=2) == "0100111"
+    task = get_task("running_parity")
+    assert task.score("X:011010011101=", "010011101001")
+    with pytest.raises(ValueError):
+        task.score("X:0110=", "0100")  # wrong length: not a prompt of this task
+    with pytest.raises(ValueError):
+        RunningSums("bad", "B:", 11, 4)
 
 
 def test_splits_are_stable_disjoint_and_sudoku_never_shares_a_grid():
@@ -67,11 +74,11 @@ def test_splits_are_stable_disjoint_and_sudoku_never_shares_a_grid():
     assert task.split_of("S:1.2.3.4.........=") == task.split_of("S:1.2.3.4.........=")
 
 
-def test_prefix_split_is_stable_and_disjoint():
-    task = get_task("prefix_sums")
+def test_parity_split_is_stable_and_disjoint():
+    task = get_task("running_parity")
     prompts = {s: {e.prompt for e in task.examples(s, 300, seed=0)} for s in SPLITS}
     assert not prompts["train"] & prompts["test"] and not prompts["valid"] & prompts["test"]
-    assert task.split_of("P:0123456789=") == task.split_of("P:0123456789=")
+    assert all(task.split_of(p) == s for s, ps in prompts.items() for p in ps)
 
 
 @pytest.mark.parametrize("name", sorted(TASKS))

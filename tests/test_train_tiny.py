@@ -64,7 +64,7 @@ def test_window_covers_answer_and_eos_padding_and_never_the_prompt():
     cfg = train_tiny.TrainConfig(family="dream", layers=1)
     tok = char_tokenizer()
     adapter = train_tiny.NativeAdapter(train_tiny.build_module(cfg, tok.vocab_size, 128), tok)
-    task = get_task("prefix_sums")
+    task = get_task("running_parity")
     examples = task.examples("train", 8, seed=0)
     batch = train_tiny.encode_batch(adapter, task, examples)
     gen_len = task.budget.gen_length

@@ -8,13 +8,13 @@
 from __future__ import annotations
 
 from prophet.tasks.base import SPLITS, Budget, Example, Split, Task, bucket
-from prophet.tasks.prefix_sums import PrefixSums
+from prophet.tasks.running_sums import RunningSums, running_parity
 from prophet.tasks.sudoku import Sudoku4
 
-TASKS: dict[str, Task] = {t.name: t for t in (Sudoku4(), PrefixSums())}
+TASKS: dict[str, Task] = {t.name: t for t in (Sudoku4(), running_parity())}
 
 # Every character a task prompt or answer may hold; the char tokenizer covers these.
-ALPHABET = "0123456789.:=PS"
+ALPHABET = "0123456789.:=SX"
 
 
 def get_task(name: str) -> Task:
@@ -24,4 +24,4 @@ def get_task(name: str) -> Task:
     return TASKS[name]
 
 
-__all__ = ["ALPHABET", "SPLITS", "TASKS", "Budget", "Example", "Split", "Task", "bucket", "get_task"]
+__all__ = ["ALPHABET", "SPLITS", "TASKS", "Budget", "Example", "RunningSums", "Split", "Task", "bucket", "get_task"]
