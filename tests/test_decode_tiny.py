@@ -33,7 +33,7 @@ def load(name):
 
 def mixed_prompts(model, n_each=4):
     from prophet.tasks import get_task
-    return [model.encode(ex.prompt) for task in ("sudoku4", "prefix_sums")
+    return [model.encode(ex.prompt) for task in ("sudoku4", "running_parity")
             for ex in get_task(task).examples("test", n_each, seed=1)]
 
 

@@ -29,10 +29,10 @@ def make_rows(n: int, seed: int = 0, budget: int = 24, workers: int = 3, error_e
     from prophet.tasks import get_task
 
     rng = np.random.default_rng(seed)
-    examples = {t: get_task(t).examples("test", n, seed=seed) for t in ("sudoku4", "prefix_sums")}
+    examples = {t: get_task(t).examples("test", n, seed=seed) for t in ("sudoku4", "running_parity")}
     rows = []
     for i in range(n):
-        task = "sudoku4" if i % 2 else "prefix_sums"
+        task = "sudoku4" if i % 2 else "running_parity"
         prompt, answer = examples[task][i].prompt, examples[task][i].answer
         base = {"id": f"r{i:05d}", "prompt": prompt, "gen_length": budget, "steps_budget": budget,
                 "decode_s": float(rng.uniform(0.1, 2.0)), "finished_at": START + float(rng.uniform(0, 30)),
