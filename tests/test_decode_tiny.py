@@ -1,6 +1,6 @@
 """The batched decoder equals the one-row oracle on the real tiny trained models (fp32).
 
-Prompts of two tasks have different lengths, so rows are left-padded next to each other.
+Prompts of the tasks have different lengths, so rows are left-padded next to each other.
 """
 from dataclasses import replace
 from pathlib import Path
