@@ -45,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     task = get_task(args.task)
     model = load_model(args.model)
-    result = calibrate(model, task, task.examples("valid", args.n, seed=args.seed), args.tolerance)
+    result = calibrate(model, task, task.examples("valid", task.available("valid", args.n), seed=args.seed), args.tolerance)
     result["command"] = "jobs/calibrate.py " + " ".join(argv if argv is not None else sys.argv[1:])
     out = args.out or args.model / "calibration.json"
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -65,7 +65,7 @@ def evaluate(model_dir: Path, task_names: Sequence[str], n: int, calibration: Pa
     rows = []
     for task_name in task_names:
         task = get_task(task_name)
-        examples = task.examples("test", n, seed=seed)
+        examples = task.examples("test", task.available("test", n), seed=seed)
         for label, cfg in rule_configs(model, task, cal):
             out: Outcome = run_task(model, task, examples, cfg, label=label, seed=seed)
             print(f"{name:12s} {task.name:12s} {out.rule:48s} {100 * out.accuracy:6.1f}% "

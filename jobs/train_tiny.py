@@ -180,9 +180,9 @@ def heldout_accuracy(model_dir: Path, task_names: Sequence[str], n: int) -> dict
     out = {}
     for name in task_names:
         task = get_task(name)
-        examples = task.examples("test", n, seed=0)
+        examples = task.examples("test", task.available("test", n), seed=0)
         full = task_config(model, task)
-        out[name] = {"n": n, "full": run_task(model, task, examples, full).accuracy,
+        out[name] = {"n": len(examples), "full": run_task(model, task, examples, full).accuracy,
                      "one_shot": run_task(model, task, examples, replace(full, steps=1)).accuracy}
     return out
 

@@ -29,6 +29,9 @@ LEVELS: tuple[float, ...] = tuple(x / 4 for x in range(1, 81))   # 0.25 .. 20
 SHAPES: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0, 3.0)
 # (statistic, quantile) pairs; the quantile matters only for "quantile".
 STATISTICS: tuple[tuple[str, float], ...] = (("mean", 0.1), ("min", 0.1), ("quantile", 0.1), ("quantile", 0.25))
+# Decoding fields the thresholds were chosen under (recorded in the file; apply them too).
+HOST_FIELDS = ("host", "gen_length", "steps", "block_length", "remasking", "alg", "temperature",
+               "confidence_eos_eot_inf")
 
 
 @dataclass(frozen=True)
@@ -186,7 +189,9 @@ def calibrate(model: TextDLM, task: Task, examples: Sequence[Example], tolerance
         log(f"verified {real.rule}: accuracy {real.accuracy:.4f} (simulated {acc:.4f}) steps "
             f"{real.mean_steps:.2f} (simulated {steps:.2f})")
         if real.accuracy >= floor:
+            host = {k: full_cfg.to_dict()[k] for k in HOST_FIELDS}
             return {"decode": cand.decode_fields(), "model": model.name, "task": task.name,
+                    "calibrated_with": host,
                     "validation": {"split": "valid", "n": full.n, "tolerance_points": tolerance,
                                    "settings_simulated": len(rows), "full": full.row(model.name, task.name),
                                    "chosen": real.row(model.name, task.name),

@@ -40,8 +40,9 @@ def task_config(model: TextDLM, task: Task, **overrides) -> DecodeConfig:
     b = task.budget
     host = overrides.pop("host", model.default_host)
     block = b.block_length if host == "llada" else None
-    return DecodeConfig(host=host, gen_length=b.gen_length, steps=b.steps, block_length=block,
-                        batch_size=128, **overrides)
+    fields = {"host": host, "gen_length": b.gen_length, "steps": b.steps, "block_length": block,
+              "confidence_eos_eot_inf": b.eos_last, "batch_size": 128}
+    return DecodeConfig(**{**fields, **overrides})
 
 
 def rule_label(config: DecodeConfig, full_steps: int) -> str:

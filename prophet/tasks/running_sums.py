@@ -7,6 +7,7 @@ stayed at chance on them after 2,000 steps, 0.0-0.1% held-out accuracy.)
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import random
 
@@ -45,6 +46,31 @@ class RunningSums(Task):
             prompt = self.tag + digits + SUFFIX
             if self.split_of(prompt) == split:
                 return Example(prompt, running_sums(digits, self.modulus))
+
+    @functools.cached_property
+    def _prompts_by_split(self) -> dict[str, list[str]]:
+        """Every prompt of each split, enumerated (only done for spaces of at most 2**16)."""
+        out: dict[str, list[str]] = {"train": [], "valid": [], "test": []}
+        for digits in itertools.product(self.symbols, repeat=self.length):
+            prompt = self.tag + "".join(digits) + SUFFIX
+            out[self.split_of(prompt)].append(prompt)
+        return out
+
+    def size(self, split: Split) -> int | None:
+        """Distinct prompts of the split, counted where the space is small (12 bits: 4,096)."""
+        if self.modulus ** self.length > 2 ** 16:
+            return None
+        return len(self._prompts_by_split[split])
+
+    def examples(self, split: Split, n: int, seed: int = 0) -> list[Example]:
+        """n distinct examples of `split`: a seeded sample of the enumerated split where it is small."""
+        if self.size(split) is None:
+            return super().examples(split, n, seed)
+        prompts = self._prompts_by_split[split]
+        if n > len(prompts):
+            raise ValueError(f"task {self.name}: split {split!r} has {len(prompts)} distinct prompts, not {n}")
+        picked = random.Random(f"{self.name}:{split}:{seed}").sample(prompts, n)
+        return [Example(p, running_sums(self.digits(p), self.modulus)) for p in picked]
 
     def digits(self, prompt: str) -> str:
         """The input digits of a prompt; raises ValueError on a malformed one."""

@@ -1,0 +1,125 @@
+"""The shipped tiny models, their calibration, jobs/evaluate.py's JSON and the bundled prompt set."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from prophet.config import DecodeConfig
+from prophet.models import load_model
+from prophet.tasks import TASKS, get_task
+from prophet.tasks.calibration import Candidate, pooled_gaps, ranked, simulate, trace_full
+from prophet.tasks.evaluation import rule_label, run_task, task_config
+from prophet.tasks.prompts import default_prompts
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = [ROOT / "checkpoints" / "tiny-llada", ROOT / "checkpoints" / "tiny-dream"]
+PROMPTS = ROOT / "pipeline" / "data" / "default_prompts.jsonl"
+
+
+def load_job(name: str):
+    """Import jobs/<name>.py as a module (jobs/ is a folder of scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"job_{name}", ROOT / "jobs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module", params=SHIPPED, ids=lambda p: p.name)
+def shipped(request):
+    return load_model(request.param)
+
+
+def test_shipped_models_solve_heldout_sudoku_with_full_decoding(shipped):
+    task = get_task("sudoku4")
+    examples = task.examples("test", 64, seed=7)
+    assert all(task.is_heldout(e.prompt) for e in examples)
+    out = run_task(shipped, task, examples, task_config(shipped, task))
+    assert out.accuracy >= 0.9, out.accuracy
+    assert out.mean_steps == task.budget.steps
+
+
+def test_shipped_models_beat_one_shot_on_running_parity(shipped):
+    task = get_task("running_parity")
+    examples = task.examples("test", 64, seed=7)
+    full = run_task(shipped, task, examples, task_config(shipped, task))
+    one_shot = run_task(shipped, task, examples, task_config(shipped, task, steps=1))
+    assert full.accuracy >= 0.9 and full.accuracy > one_shot.accuracy + 0.1, (full.accuracy, one_shot.accuracy)
+
+
+@pytest.mark.parametrize("model_dir", SHIPPED, ids=lambda p: p.name)
+def test_shipped_calibration_is_accepted_and_met_its_constraint(model_dir):
+    path = model_dir / "calibration.json"
+    data = json.loads(path.read_text())
+    cfg = DecodeConfig(gen_length=24, steps=24).with_calibration(path)
+    assert cfg.rule == "prophet" and cfg.thresholds == tuple(data["decode"]["thresholds"])
+    val = data["validation"]
+    floor = val["full"]["accuracy"] - val["tolerance_points"] / 100
+    assert val["chosen"]["accuracy"] >= floor - 1e-9  # the real decoder's run, not the simulation
+    assert val["chosen_simulated"]["mean_steps"] == pytest.approx(val["chosen"]["mean_steps"], abs=0.2)
+    assert val["chosen"]["mean_steps"] <= min(r["mean_steps"] for r in val["best_per_statistic_and_shape"]) + 0.2
+    assert data["task"] == "sudoku4" and val["split"] == "valid"
+
+
+def test_evaluate_json_has_the_fields_and_consistent_numbers(capsys):
+    evaluate = load_job("evaluate")
+    evaluate.main(["--model", str(SHIPPED[0]), "--task", "sudoku4", "--n", "12"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    results = json.loads(lines[-1])["results"]
+    rules = [r["rule"] for r in results]
+    assert {"full", "half", "one-shot"} <= set(rules)
+    assert any(r.startswith("prophet calibrated[sudoku4]") for r in rules)
+    assert sum(r.startswith("prophet 8/5/3 ") for r in rules) == 6  # 2 regions x 3 statistics
+    for r in results:
+        assert set(r) >= {"model", "task", "rule", "accuracy", "mean_steps", "budget", "speedup"}
+        assert 0 <= r["accuracy"] <= 1 and 1 <= r["mean_steps"] <= r["budget"] == 24
+        assert r["speedup"] == pytest.approx(r["budget"] / r["mean_steps"], rel=1e-3)
+    by_rule = {r["rule"]: r for r in results}
+    assert by_rule["full"]["mean_steps"] == 24 and by_rule["half"]["mean_steps"] == 12
+    assert by_rule["one-shot"]["mean_steps"] == 1
+    assert len(lines) == len(results) + 2  # header, one line per rule, JSON last
+
+
+def test_ranked_orders_passing_settings_by_steps_then_accuracy():
+    a, b, c, d = (Candidate("window", "min", 0.1, 0.0, lvl) for lvl in (2.0, 4.0, 6.0, 8.0))
+    rows = [(a, 0.95, 3.0), (b, 0.99, 5.0), (c, 0.995, 8.0), (d, 0.999, 8.0)]
+    assert [r[0] for r in ranked(rows, floor=0.985)] == [b, d, c]
+    assert ranked(rows, floor=0.90)[0][0] == a and ranked(rows, floor=0.9999) == []
+    assert b.thresholds == (4.0, 4.0, 4.0) and Candidate("block", "mean", 0.1, 1.0, 2.0).thresholds == (4.0, 3.0, 2.0)
+
+
+@pytest.mark.parametrize("setting", [("min", 0.1, (4.0, 4.0, 4.0)), ("mean", 0.1, (8.0, 5.0, 3.0)),
+                                     ("quantile", 0.25, (7.0, 5.0, 3.0))], ids=lambda s: s[0])
+def test_traced_simulation_predicts_the_real_decoder(setting):
+    """One traced Full run tells what Prophet would do: compare with prophet.decode itself."""
+    stat, q, th = setting
+    model, task = load_model(SHIPPED[0]), get_task("sudoku4")
+    examples = task.examples("valid", 48, seed=3)
+    trace = trace_full(model, task, examples, task_config(model, task))
+    acc, steps = simulate(trace, pooled_gaps(trace, stat, q), th)
+    real = run_task(model, task, examples, task_config(model, task, rule="prophet", thresholds=th,
+                                                        statistic=stat, quantile=q))
+    assert acc == pytest.approx(real.accuracy, abs=1.01 / 48) and steps == pytest.approx(real.mean_steps, abs=0.2)
+    assert trace.full.mean_steps == 24 and trace.fill_correct[:, -1].tolist() == list(trace.full.correct)
+
+
+def test_rule_labels_name_the_setting():
+    full = DecodeConfig(gen_length=24, steps=24)
+    assert rule_label(full, 24) == "full" and rule_label(DecodeConfig(gen_length=24, steps=12), 24) == "half"
+    p = DecodeConfig(gen_length=24, steps=24, rule="prophet", thresholds=(6, 4, 2), region="block",
+                     statistic="quantile", quantile=0.25)
+    assert rule_label(p, 24) == "prophet 6/4/2 block q0.25"
+
+
+def test_bundled_prompts_are_heldout_scorable_and_reproducible():
+    rows = [json.loads(line) for line in PROMPTS.read_text().splitlines()]
+    assert rows == default_prompts(TASKS)  # the file is exactly what the documented command writes
+    assert len(rows) == 200 and len({r["id"] for r in rows}) == len(rows)
+    assert {r["task"] for r in rows} == set(TASKS)
+    for r in rows:
+        task = get_task(r["task"])
+        assert task.split_of(r["prompt"]) == "test" and task.score(r["prompt"], r["answer"])
