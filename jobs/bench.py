@@ -167,7 +167,7 @@ def bench_pipeline(args: argparse.Namespace) -> dict:
         model = TINY_LLADA if (TINY_LLADA / "config.json").exists() else random_tiny_llada(Path(tmp) / "rand")
         per_task = args.pipeline_prompts // len(TASKS)
         rows = [{"id": f"{t.name}-{i}", "prompt": ex.prompt} for t in TASKS.values()
-                for i, ex in enumerate(t.examples("test", per_task, seed=0))]
+                for i, ex in enumerate(t.examples("train", per_task, seed=0))]
         cal = model / "calibration.json"
         overrides = {"decoding.gen_length": 24, "decoding.steps": 24, "decoding.batch_size": args.batch_size,
                      "execution.batch_size": args.pipeline_batch_size,

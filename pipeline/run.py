@@ -385,12 +385,16 @@ def run(cfg: JobConfig, log: Callable[[str], None] = print) -> Summary:
     if removed or len(done):
         log(f"{out}: resuming: {len(done)} ids already written are skipped"
             + (f", {removed} partial parts of a killed run removed" if removed else ""))
+    log(f"job checked in {time.time() - t0:.1f}s: {plan.fmt} input {cfg.input.path}, model {cfg.model.dir}, "
+        f"settings {plan.settings_hash}")
     import ray
 
     started = connect_ray(cfg)
     try:
         cluster = {k: float(v) for k, v in ray.cluster_resources().items()}
         res = resolve_resources(cfg, cluster, _largest_node_cpus())
+        log(f"Ray {'started' if started else 'joined'} at {time.time() - t0:.1f}s: {cluster.get('CPU', 0):g} CPUs, "
+            f"{cluster.get('GPU', 0):g} GPUs; {cfg.execution.actors} actors x {res.cpus:g} CPU, {res.gpus:g} GPU")
         manifest = _manifest(plan, old, run_id, t0, cluster, res)
         output.write_manifest(out, manifest)
         configure_data_context(cfg)
