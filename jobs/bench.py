@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
+import os
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -75,7 +75,7 @@ def scripted_workload(n: int, batch_size: int) -> Workload:
     lens = torch.randint(8, 25, (n,), generator=g).tolist()
     prompts = [torch.randint(4, 32, (k,), generator=g).tolist() for k in lens]
     full = DecodeConfig(gen_length=G, steps=G, block_length=G, batch_size=batch_size)
-    name = "ScriptedDLM + 2-layer MLP (hidden 128) per position (no trained model yet)"
+    name = "ScriptedDLM + 2-layer MLP (hidden 128) per position (scripted stand-in)"
     return Workload(name, CostlyScriptedDLM(G), prompts, full, replace(full, rule="prophet"))
 
 
@@ -96,20 +96,23 @@ def tiny_workload(n: int, batch_size: int) -> Workload:
 
 
 def timed_pair(model: DLM, prompts: Sequence[Sequence[int]], a: DecodeConfig, b: DecodeConfig,
-               repeats: int) -> list[tuple[float, DecodeResult]]:
-    """Median wall seconds and result of decoding under a and under b, runs interleaved (a, b, a, b, ...)
+               repeats: int) -> list[tuple[float, float, DecodeResult]]:
+    """Best (least disturbed) wall and process-CPU seconds and the result of decoding under a and b.
 
-    so that load from other processes on a shared machine hits both alike.
+    Runs are interleaved (a, b, a, b, ...) so that load from other processes on a shared machine
+    hits both alike; CPU seconds (one torch thread) are the cross-check that load cannot skew.
     """
-    times: list[list[float]] = [[], []]
+    wall: list[list[float]] = [[], []]
+    cpu: list[list[float]] = [[], []]
     results: list[DecodeResult] = []
     for _ in range(repeats):
         results = []
         for i, cfg in enumerate((a, b)):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             results.append(decode(model, prompts, cfg))
-            times[i].append(time.perf_counter() - t0)
-    return [(statistics.median(t), r) for t, r in zip(times, results)]
+            wall[i].append(time.perf_counter() - t0)
+            cpu[i].append(time.process_time() - c0)
+    return [(min(w), min(c), r) for w, c, r in zip(wall, cpu, results)]
 
 
 def bench_batching(args: argparse.Namespace) -> dict:
@@ -123,13 +126,14 @@ def bench_batching(args: argparse.Namespace) -> dict:
     for mode, kw in modes.items():
         n_prompts = args.batch1_prompts if mode == "batch1" else len(work.prompts)
         prompts = work.prompts[:n_prompts]
-        (wall_full, res_full), (wall_pro, res_pro) = timed_pair(
+        (wall_full, cpu_full, res_full), (wall_pro, cpu_pro, res_pro) = timed_pair(
             work.model, prompts, replace(work.full, **kw), replace(work.prophet, **kw), args.repeats)
         step_speedup = float(res_full.steps_used.double().mean() / res_pro.steps_used.double().mean())
         wall_speedup = wall_full / wall_pro
         out[mode] = {"prompts": n_prompts, "wall_full_s": round(wall_full, 3), "wall_prophet_s": round(wall_pro, 3),
                      "step_speedup": round(step_speedup, 3), "wall_speedup": round(wall_speedup, 3),
                      "ratio": round(wall_speedup / step_speedup, 3),
+                     "cpu_ratio": round(cpu_full / cpu_pro / step_speedup, 3),
                      "forward_rows_full": res_full.forward_rows, "forward_rows_prophet": res_pro.forward_rows}
         rows.append((mode, out[mode]))
     steps = res_pro.steps_used
@@ -139,7 +143,8 @@ def bench_batching(args: argparse.Namespace) -> dict:
              "steps_max": int(steps.max())}
     _print_table(work, rows, mixed, args)
     return {"wall_over_steps_ratio": out["continuous"]["ratio"], "frozen_ratio": out["frozen"]["ratio"],
-            "batch1_ratio": out["batch1"]["ratio"], "model": work.name, "batch_size": args.batch_size,
+            "batch1_ratio": out["batch1"]["ratio"], "cpu_over_steps_ratio": out["continuous"]["cpu_ratio"],
+            "load_avg_1min": round(os.getloadavg()[0], 2), "model": work.name, "batch_size": args.batch_size,
             "threads": torch.get_num_threads(), "prophet_rows": mixed, "modes": out}
 
 
@@ -147,12 +152,13 @@ def _print_table(work: Workload, rows: list[tuple[str, dict]], mixed: dict, args
     print(f"batching: {work.name}")
     print(f"  full: {work.full.steps} steps; prophet: thresholds {work.prophet.thresholds}, region "
           f"{work.prophet.region}, statistic {work.prophet.statistic}; batch size {args.batch_size}, "
-          f"{torch.get_num_threads()} torch thread(s), median of {args.repeats}")
+          f"{torch.get_num_threads()} torch thread(s), best of {args.repeats} interleaved runs")
     print(f"  prophet rows: {mixed}")
-    print(f"  {'mode':<11} {'prompts':>7} {'full s':>8} {'prophet s':>9} {'steps x':>8} {'wall x':>7} {'ratio':>6}")
+    print(f"  {'mode':<11} {'prompts':>7} {'full s':>8} {'prophet s':>9} {'steps x':>8} {'wall x':>7} {'ratio':>6} "
+          f"{'cpu ratio':>9}")
     for mode, r in rows:
         print(f"  {mode:<11} {r['prompts']:>7} {r['wall_full_s']:>8.2f} {r['wall_prophet_s']:>9.2f} "
-              f"{r['step_speedup']:>8.2f} {r['wall_speedup']:>7.2f} {r['ratio']:>6.2f}")
+              f"{r['step_speedup']:>8.2f} {r['wall_speedup']:>7.2f} {r['ratio']:>6.2f} {r['cpu_ratio']:>9.2f}")
 
 
 def bench_pipeline(args: argparse.Namespace) -> dict:
@@ -195,7 +201,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--prompts", type=int, default=256, help="batching: prompts decoded per setting")
     p.add_argument("--batch1-prompts", type=int, default=64, help="batching: prompts decoded at batch size 1")
     p.add_argument("--batch-size", type=int, default=32, help="batching: slots in the forward pass")
-    p.add_argument("--repeats", type=int, default=3, help="timed repetitions per setting (median)")
+    p.add_argument("--repeats", type=int, default=3, help="timed repetitions per setting (the best counts)")
     p.add_argument("--pipeline-prompts", type=int, default=2048, help="pipeline: prompts (half per task)")
     p.add_argument("--pipeline-batch-size", type=int, default=128, help="pipeline: rows per actor call")
     p.add_argument("--threads", type=int, default=1,
