@@ -1,13 +1,10 @@
 """The shipped tiny models, their calibration, jobs/evaluate.py's JSON and the bundled prompt set."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
-import torch
+from tiny_support import ROOT, load_job, one_thread  # noqa: F401 (one_thread is an autouse fixture)
 
 from prophet.config import DecodeConfig
 from prophet.models import load_model
@@ -16,28 +13,8 @@ from prophet.tasks.calibration import Candidate, pooled_gaps, ranked, simulate, 
 from prophet.tasks.evaluation import rule_label, run_task, task_config
 from prophet.tasks.prompts import default_prompts
 
-ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = [ROOT / "checkpoints" / "tiny-llada", ROOT / "checkpoints" / "tiny-dream"]
 PROMPTS = ROOT / "pipeline" / "data" / "default_prompts.jsonl"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on the shared 2-core machine two OpenMP threads next to any other
-    busy process spin at barriers and ran these tests 10-40x slower (measured)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def load_job(name: str):
-    """Import jobs/<name>.py as a module (jobs/ is a folder of scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location(f"job_{name}", ROOT / "jobs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module", params=SHIPPED, ids=lambda p: p.name)

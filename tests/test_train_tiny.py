@@ -1,39 +1,15 @@
 """jobs/train_tiny.py: a few real training steps of each family produce a loadable, better model."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from tiny_support import load_job, one_thread  # noqa: F401 (one_thread is an autouse fixture)
 
 from prophet.models import load_model
 from prophet.tasks import TASKS, get_task
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on the shared 2-core machine two OpenMP threads next to any other
-    busy process spin at barriers and ran these tests 10-40x slower (measured)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def load_job(name: str):
-    """Import jobs/<name>.py as a module (jobs/ is a folder of scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location(f"job_{name}", ROOT / "jobs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
-    spec.loader.exec_module(module)
-    return module
-
 
 train_tiny = load_job("train_tiny")
 
