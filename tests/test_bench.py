@@ -1,0 +1,51 @@
+"""jobs/bench.py and pipeline/benchmark.py: the steady-rate arithmetic exactly, and both sections
+run end to end on small inputs (the figures themselves live in BENCHMARKS.md, never asserted)."""
+from __future__ import annotations
+
+import math
+
+import pyarrow as pa
+import pytest
+
+from pipeline.benchmark import steady_rate
+from tiny_support import load_job, one_thread  # noqa: F401 (one_thread is an autouse fixture)
+
+
+def test_steady_rate_counts_rows_inside_the_window_where_every_worker_produces():
+    # worker a finishes rows at 0..10, worker b at 2..8: the window is (2, 8]
+    a = [float(t) for t in range(0, 11)]
+    b = [2.0, 4.0, 6.0, 8.0]
+    table = pa.table({"worker_id": ["a"] * len(a) + ["b"] * len(b), "finished_at": a + b})
+    rate, window = steady_rate(table)
+    inside = sum(2 < t <= 8 for t in a + b)  # a: 3..8 (6 rows), b: 4, 6, 8 (3 rows)
+    assert window == 6.0
+    assert rate == pytest.approx(inside / 6.0) == pytest.approx(9 / 6)
+
+
+def test_steady_rate_falls_back_to_the_whole_span_when_windows_do_not_overlap():
+    table = pa.table({"worker_id": ["a", "a", "b", "b"], "finished_at": [0.0, 1.0, 5.0, 9.0]})
+    rate, window = steady_rate(table)
+    assert window == 9.0
+    assert rate == pytest.approx(3 / 9)  # rows after the start (0.0 excluded) over the span
+
+
+def test_bench_batching_section_runs_and_reports_every_mode():
+    bench = load_job("bench")
+    out = bench.main(["--section", "batching", "--prompts", "12", "--batch1-prompts", "3", "--repeats", "1",
+                      "--batch-size", "4"])["batching"]
+    assert set(out["modes"]) == {"continuous", "frozen", "batch1"}
+    for mode in out["modes"].values():
+        assert mode["step_speedup"] >= 1.0  # prophet never uses more steps than full
+        assert mode["wall_full_s"] > 0 and mode["wall_prophet_s"] > 0
+        assert mode["forward_rows_prophet"] <= mode["forward_rows_full"]
+    assert out["wall_over_steps_ratio"] == out["modes"]["continuous"]["ratio"]
+
+
+def test_bench_pipeline_section_decodes_every_row_through_ray(ray_local):
+    bench = load_job("bench")
+    out = bench.main(["--section", "pipeline", "--pipeline-prompts", "48", "--pipeline-batch-size", "8"])["pipeline"]
+    assert out["rows"] == out["ok"] == 48
+    assert out["bare_rows"] == 48 and out["actors"] == 2
+    assert out["pipeline_rows_per_s"] > 0 and out["bare_rows_per_s"] > 0
+    assert math.isclose(out["ratio"], out["pipeline_rows_per_s"] / out["bare_rows_per_s"], rel_tol=0.01)
+    assert out["startup_s"] < out["wall_s"]
