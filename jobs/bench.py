@@ -49,12 +49,13 @@ class CostlyScriptedDLM(ScriptedDLM):
         self.weights = [(torch.randn(hidden, 4 * hidden, generator=g) / hidden ** 0.5,
                          torch.randn(4 * hidden, hidden, generator=g) / (4 * hidden) ** 0.5) for _ in range(layers)]
 
-    def logits(self, ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def logits(self, ids: torch.Tensor, attention_mask: torch.Tensor, last: int | None = None) -> torch.Tensor:
         """Scripted logits plus zero times a bounded function of the MLP's hidden states."""
         h = self.embed[ids]  # (B, L, H)
         for w_in, w_out in self.weights:
             h = h + torch.nn.functional.gelu(h @ w_in) @ w_out
-        return super().logits(ids, attention_mask) + 0.0 * torch.tanh(h[..., :1])
+        h = h if last is None else h[:, ids.shape[1] - last:]
+        return super().logits(ids, attention_mask, last) + 0.0 * torch.tanh(h[..., :1])
 
 
 @dataclass

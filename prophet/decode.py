@@ -238,16 +238,17 @@ class _Batch:
 
 
 def _window_logits(model: DLM, batch: _Batch) -> torch.Tensor:
-    """One forward pass (both CFG passes stacked) -> (B, G, V) float32 window logits."""
+    """One forward pass (both CFG passes stacked) -> (B, G, V) float32 window logits; the model
+    scores the window only (`last=G`), never the prompt."""
     cfg, canvas = batch.plan.cfg, batch.t["canvas"]
     B, G = canvas.shape
     attn = torch.cat([batch.prompt_real, torch.ones_like(canvas, dtype=torch.bool)], 1)  # (B, P + G)
     ids = torch.cat([batch.prompt_ids, canvas], 1)
     if cfg.cfg_scale <= 0:
-        return model.logits(ids, attn)[:, -G:].float()
+        return model.logits(ids, attn, last=G).float()
     # unconditional pass: the row's real prompt positions masked, pads left as pads
     uncond = torch.cat([torch.where(batch.prompt_real, batch.plan.mask_id, batch.prompt_ids), canvas], 1)
-    out = model.logits(torch.cat([ids, uncond]), torch.cat([attn, attn]))[:, -G:].float()  # (2B, G, V)
+    out = model.logits(torch.cat([ids, uncond]), torch.cat([attn, attn]), last=G).float()  # (2B, G, V)
     return cfg_mix(out[:B], out[B:], cfg.cfg_scale)
 
 

@@ -48,8 +48,9 @@ class ScriptedDLM:
         self.nonfinite_token = nonfinite_token  # prompts starting with this token get NaN logits
         self.device = torch.device(device)
 
-    def logits(self, ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """ids (B, L), attention_mask (B, L) -> (B, L, V) float32; only the last gen_length columns carry signal."""
+    def logits(self, ids: torch.Tensor, attention_mask: torch.Tensor, last: int | None = None) -> torch.Tensor:
+        """ids (B, L), attention_mask (B, L) -> (B, L, V) float32 (or the last `last` positions);
+        only the last gen_length columns carry signal."""
         B, L = ids.shape
         G = self.gen_length
         if L <= G:
@@ -61,7 +62,7 @@ class ScriptedDLM:
             first = attention_mask.long().argmax(1)  # first real position
             poisoned = ids.gather(1, first[:, None])[:, 0] == self.nonfinite_token
             out[poisoned] = float("nan")
-        return out
+        return out if last is None else out[:, L - last:]
 
     def _prompt_hash(self, ids: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
         """(B, P) left-padded prompts -> (B,) hash over real tokens at positions relative to the first one."""

@@ -25,8 +25,11 @@ class DLM(Protocol):
     vocab_size: int
     device: torch.device
 
-    def logits(self, ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """ids (B, L) int64, attention_mask (B, L) bool (False = left pad) -> (B, L, V) logits.
+    def logits(self, ids: torch.Tensor, attention_mask: torch.Tensor, last: int | None = None) -> torch.Tensor:
+        """ids (B, L) int64, attention_mask (B, L) bool (False = left pad) -> (B, L, V) logits, or with
+        `last` the last `last` positions only, (B, last, V): the decoder needs the window's logits
+        alone, and at 8B scale (B, L, V) is gigabytes, so an adapter should run its LM head on
+        those positions only.
 
         Aligned: logits[:, i] scores the token at position i (the Dream shift is applied here).
         Position ids restart at 0 on each row's first real token, so a padded row equals the

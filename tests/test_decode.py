@@ -187,8 +187,8 @@ class ConstantGapDLM(ScriptedDLM):
         super().__init__(gen_length)
         self.gap = gap
 
-    def logits(self, ids, attention_mask):
-        out = torch.zeros(*ids.shape, self.vocab_size)
+    def logits(self, ids, attention_mask, last=None):
+        out = torch.zeros(ids.shape[0], last or ids.shape[1], self.vocab_size)
         out[..., 4] = self.gap
         return out
 
@@ -217,9 +217,9 @@ def test_parallel_rules_commit_more_per_step_but_stay_within_budget():
 class CountingDLM(ScriptedDLM):
     calls = 0
 
-    def logits(self, ids, attention_mask):
+    def logits(self, ids, attention_mask, last=None):
         CountingDLM.calls += 1
-        return super().logits(ids, attention_mask)
+        return super().logits(ids, attention_mask, last)
 
 
 class PadIsMask(ScriptedDLM):

@@ -235,14 +235,29 @@ def test_dream_adapter_defaults(tmp_path):
 
 
 def test_adapter_module_can_be_replaced_by_a_wrapper(tmp_path):
-    # The pipeline swaps .module for a DeepSpeed engine: anything called as module(ids, mask).
+    # The pipeline swaps .module for a DeepSpeed engine: anything called as
+    # module(ids, mask, logits_to_keep=k).
     _, path = saved(tmp_path, "dream")
     model = load_model(path)
     ids, mask = batch(["wrap"])
     before = model.logits(ids, mask)
     inner = model.module
-    model.module = lambda i, m: inner(i, m) * 2
+    model.module = lambda i, m, **kw: inner(i, m, **kw) * 2
     assert torch.equal(model.logits(ids, mask), before * 2)
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_logits_of_the_last_positions_equal_the_tail_of_all_logits(tmp_path, family):
+    # the decoder asks for the window only; Dream needs one more raw position for its shift
+    _, path = saved(tmp_path, family)
+    model = load_model(path)
+    ids, mask = batch(["a longer prompt", "short"])  # left padded
+    full = model.logits(ids, mask)
+    L = ids.shape[1]
+    for last in (1, 5, L - 1, L):
+        tail = model.logits(ids, mask, last=last)
+        assert tail.shape == (2, last, model.vocab_size)
+        torch.testing.assert_close(tail, full[:, L - last:], rtol=1e-5, atol=1e-5)
 
 
 def test_family_comes_from_config_not_from_the_path(tmp_path):

@@ -18,8 +18,8 @@ def shift_logits_right(logits: torch.Tensor) -> torch.Tensor:
 class NativeAdapter:
     """A LLaDA or Dream module behind the decoder's interface; owns ids, the shift and the template.
 
-    `.module` is called as `module(input_ids, attention_mask)`, so the pipeline may replace it by
-    a DeepSpeed inference engine wrapping the same module.
+    `.module` is called as `module(input_ids, attention_mask, logits_to_keep=k)`, so the pipeline
+    may replace it by a DeepSpeed inference engine wrapping the same module.
     """
 
     def __init__(self, module: nn.Module, tokenizer: Tokenizer, name: str | None = None) -> None:
@@ -42,10 +42,15 @@ class NativeAdapter:
                                  "padding must be distinguishable from masks")
 
     @torch.inference_mode()
-    def logits(self, ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """ids (B, L), attention_mask (B, L) bool -> aligned (B, L, V) logits in the weights' dtype."""
-        out = self.module(ids, attention_mask)
-        return shift_logits_right(out) if self.shift else out
+    def logits(self, ids: torch.Tensor, attention_mask: torch.Tensor, last: int | None = None) -> torch.Tensor:
+        """ids (B, L), attention_mask (B, L) bool -> aligned (B, L, V) logits in the weights' dtype;
+        `last`: the last `last` positions only (B, last, V), the LM head run on those alone."""
+        L = ids.shape[1]
+        keep = 0 if last is None or last + self.shift >= L else last + self.shift  # Dream: one more, then shift
+        out = self.module(ids, attention_mask, logits_to_keep=keep)
+        if self.shift:
+            out = out[:, :-1] if keep else shift_logits_right(out)
+        return out if last is None or keep else out[:, L - last:]
 
     def encode(self, text: str) -> list[int]:
         """Plain text -> ids (no specials added, no template)."""

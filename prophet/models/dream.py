@@ -117,11 +117,14 @@ class DreamModel(nn.Module):
         self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
         init_weights(self, c.initializer_range)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids (B, L) int64, attention_mask (B, L) (True/1 = real, None = no padding) -> (B, L, V)."""
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                logits_to_keep: int = 0) -> torch.Tensor:
+        """input_ids (B, L) int64, attention_mask (B, L) (True/1 = real, None = no padding) -> (B, L, V);
+        logits_to_keep > 0: the LM head runs on the last that many positions only -> (B, keep, V)."""
         head_dim = self.config.hidden_size // self.config.num_attention_heads
         inputs = attention_inputs(input_ids, attention_mask, head_dim, self.config.rope_theta)
         x = self.model.embed_tokens(input_ids)                  # (B, L, C)
         for layer in self.model.layers:
             x = layer(x, inputs)
-        return self.lm_head(self.model.norm(x))                 # (B, L, V)
+        x = x[:, -logits_to_keep:] if logits_to_keep else x
+        return self.lm_head(self.model.norm(x))                 # (B, L or keep, V)

@@ -84,10 +84,13 @@ class HFMaskedLMAdapter:
         self._offset = _position_offset(model)
 
     @torch.inference_mode()
-    def logits(self, ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """ids (B, L), attention_mask (B, L) bool -> (B, L, V); positions restart at each row's first token."""
+    def logits(self, ids: torch.Tensor, attention_mask: torch.Tensor, last: int | None = None) -> torch.Tensor:
+        """ids (B, L), attention_mask (B, L) bool -> (B, L, V) (or the last `last` positions);
+        positions restart at each row's first token. Masked-LM heads offer no way to score only
+        the tail, so every position is scored and then sliced."""
         kw = {} if self._offset is None else {"position_ids": position_ids(attention_mask) + self._offset}
-        return self.module(input_ids=ids, attention_mask=attention_mask.long(), **kw).logits
+        out = self.module(input_ids=ids, attention_mask=attention_mask.long(), **kw).logits
+        return out if last is None else out[:, ids.shape[1] - last:]
 
     def encode(self, text: str) -> list[int]:
         """Plain text -> ids, no special tokens added."""

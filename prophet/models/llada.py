@@ -104,12 +104,15 @@ class LLaDAModel(nn.Module):
         self.model = nn.ModuleDict({"transformer": transformer})
         init_weights(self, c.init_std)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids (B, L) int64, attention_mask (B, L) (True/1 = real, None = no padding) -> (B, L, V)."""
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                logits_to_keep: int = 0) -> torch.Tensor:
+        """input_ids (B, L) int64, attention_mask (B, L) (True/1 = real, None = no padding) -> (B, L, V);
+        logits_to_keep > 0: the LM head runs on the last that many positions only -> (B, keep, V)."""
         t = self.model["transformer"]
         head_dim = self.config.d_model // self.config.n_heads
         inputs = attention_inputs(input_ids, attention_mask, head_dim, self.config.rope_theta)
         x = t["wte"](input_ids)                                 # (B, L, C)
         for block in t["blocks"]:
             x = block(x, inputs)
-        return t["ff_out"](t["ln_f"](x))                        # (B, L, V)
+        x = x[:, -logits_to_keep:] if logits_to_keep else x
+        return t["ff_out"](t["ln_f"](x))                        # (B, L or keep, V)

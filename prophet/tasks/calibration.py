@@ -69,9 +69,9 @@ class TracingModel:
     def __getattr__(self, name: str):
         return getattr(self.inner, name)
 
-    def logits(self, ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def logits(self, ids: torch.Tensor, attention_mask: torch.Tensor, last: int | None = None) -> torch.Tensor:
         """The inner model's logits, recorded on the way."""
-        out = self.inner.logits(ids, attention_mask)
+        out = self.inner.logits(ids, attention_mask, last)
         G = self.gen_length
         lw = out[:, -G:].float()                                      # (B, G, V), as the decoder sees it
         gaps, top = top2_gap(lw).cpu(), lw.argmax(-1).cpu()           # (B, G) each
