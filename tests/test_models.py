@@ -406,3 +406,16 @@ def test_import_does_not_pull_transformers_or_jinja():
     code = "import sys, prophet.models; print(sorted(m for m in ('transformers', 'jinja2', 'ray', 'deepspeed') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_unpadded_batch_takes_the_maskless_attention_path():
+    # no mask lets SDPA pick its flash kernel on GPU; a padded batch keeps its key mask
+    from prophet.models.layers import attention_inputs
+
+    ids, _ = batch(["same", "size"])
+    full = attention_inputs(ids, torch.ones_like(ids, dtype=torch.bool), 8, 10000.0)
+    none = attention_inputs(ids, None, 8, 10000.0)
+    assert full.key_mask is None
+    assert torch.equal(full.cos, none.cos) and torch.equal(full.sin, none.sin)
+    ids, mask = batch(["longer", "s"])
+    assert attention_inputs(ids, mask, 8, 10000.0).key_mask is not None

@@ -65,8 +65,12 @@ def rotary_tables(pos: torch.Tensor, head_dim: int, theta: float) -> tuple[torch
 
 def attention_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                      head_dim: int, theta: float) -> AttentionInputs:
-    """Rotary tables and key mask for one forward; attention_mask None means no padding."""
-    if attention_mask is None:
+    """Rotary tables and key mask for one forward; attention_mask None means no padding.
+
+    A batch without padding gets no mask at all (one host sync to find out): SDPA's flash kernel
+    takes no mask, so an all-True mask would force a slower kernel on GPU.
+    """
+    if attention_mask is None or bool(attention_mask.all()):
         pos = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         return AttentionInputs(*rotary_tables(pos, head_dim, theta), key_mask=None)
     cos, sin = rotary_tables(position_ids(attention_mask), head_dim, theta)
@@ -93,13 +97,11 @@ def self_attention(x: torch.Tensor, q_proj: nn.Linear, k_proj: nn.Linear, v_proj
     v = v_proj(x).view(B, L, n_kv_heads, -1).transpose(1, 2)  # (B, Hkv, L, D)
     q = apply_rotary(q, inputs.cos, inputs.sin)
     k = apply_rotary(k, inputs.cos, inputs.sin)
-    if n_kv_heads != n_heads:
-        # KV head j serves query heads j*rep .. (j+1)*rep-1 (the Llama/Qwen2 grouping).
-        rep = n_heads // n_kv_heads
-        k = k.repeat_interleave(rep, dim=1)                    # (B, H, L, D)
-        v = v.repeat_interleave(rep, dim=1)                    # (B, H, L, D)
-    # No causal mask: every position sees every real position.
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=inputs.key_mask)  # (B, H, L, D)
+    # No causal mask: every position sees every real position. With grouped heads, KV head j
+    # serves query heads j*rep .. (j+1)*rep-1 (the Llama/Qwen2 grouping), which SDPA's enable_gqa
+    # does without materialising the repeated keys and values.
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=inputs.key_mask,
+                                       enable_gqa=n_kv_heads != n_heads)  # (B, H, L, D)
     return o_proj(y.transpose(1, 2).reshape(B, L, -1))        # (B, L, H*D) -> (B, L, C)
 
 
