@@ -5,8 +5,9 @@
 
 Rules: Full, Half (half the steps), one-shot (a single step), Prophet with the default thresholds
 (8/5/3) for each region and statistic, Prophet calibrated (MODEL/calibration.json unless
---calibration is given), gap_parallel and confidence_threshold. A table for people, then the
-last stdout line is JSON: {"results": [{"model", "task", "rule", "accuracy", "mean_steps",
+--calibration is given), a uniform schedule with the calibrated Prophet's mean steps rounded (the
+same compute, not adapted per row), gap_parallel and confidence_threshold. A table for people,
+then the last stdout line is JSON: {"results": [{"model", "task", "rule", "accuracy", "mean_steps",
 "budget", "speedup", "n"}, ...]}.
 """
 from __future__ import annotations
@@ -67,10 +68,16 @@ def evaluate(model_dir: Path, task_names: Sequence[str], n: int, calibration: Pa
         task = get_task(task_name)
         examples = task.examples("test", task.available("test", n), seed=seed)
         for label, cfg in rule_configs(model, task, cal):
-            out: Outcome = run_task(model, task, examples, cfg, label=label, seed=seed)
-            print(f"{name:12s} {task.name:12s} {out.rule:48s} {100 * out.accuracy:6.1f}% "
-                  f"{out.mean_steps:6.2f} / {out.budget:<3d} {out.speedup:5.2f}x", flush=True)
-            rows.append(out.row(name, task.name))
+            runs = [run_task(model, task, examples, cfg, label=label, seed=seed)]
+            if label and label.startswith("prophet calibrated"):
+                # the same compute spent uniformly: does adapting the stop per row beat it?
+                k = max(1, round(runs[0].mean_steps))
+                runs.append(run_task(model, task, examples, replace(cfg, rule="full", steps=k),
+                                     label=f"fixed {k} steps (calibrated prophet's mean)", seed=seed))
+            for out in runs:
+                print(f"{name:12s} {task.name:12s} {out.rule:48s} {100 * out.accuracy:6.1f}% "
+                      f"{out.mean_steps:6.2f} / {out.budget:<3d} {out.speedup:5.2f}x", flush=True)
+                rows.append(out.row(name, task.name))
     return rows
 
 

@@ -69,6 +69,9 @@ def test_evaluate_json_has_the_fields_and_consistent_numbers(capsys):
     by_rule = {r["rule"]: r for r in results}
     assert by_rule["full"]["mean_steps"] == 24 and by_rule["half"]["mean_steps"] == 12
     assert by_rule["one-shot"]["mean_steps"] == 1
+    calibrated = next(r for r in results if r["rule"].startswith("prophet calibrated[sudoku4]"))
+    fixed = [r for r in results if r["rule"].startswith("fixed ")]
+    assert len(fixed) == 1 and fixed[0]["mean_steps"] == max(1, round(calibrated["mean_steps"]))
     assert len(lines) == len(results) + 2  # header, one line per rule, JSON last
 
 
