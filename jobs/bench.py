@@ -11,6 +11,16 @@ report (wall-clock speed-up) / (step speed-up) with continuous batching, with fi
 frozen in static batches, and at batch size 1. Model: the tiny trained LLaDA on Sudoku when
 checkpoints/tiny-llada exists, else ScriptedDLM whose forward also runs a real MLP over
 embeddings of every position (so a step costs real compute in proportion to rows x length).
+
+pipeline: steady rows/s of jobs/generate.py's pipeline (2 actors, local Ray) over the bare decode
+loop on the same prompts, and the fixed start-up seconds (pipeline/benchmark.py).
+
+forward (GPU): the native LLaDA-8B with random bf16 weights, one forward per batch x sequence
+(default 1x384, 8x384, 32x512): time, TFLOP/s, MFU against the bf16 matmul peak measured on the
+same GPU, and peak memory (pipeline/forward_benchmark.py).
+
+    .venv/bin/python jobs/bench.py --section forward                      # on a GPU machine
+    .venv/bin/python jobs/bench.py --section forward --forward-model tiny  # CPU smoke run
 """
 from __future__ import annotations
 
@@ -190,13 +200,42 @@ def bench_pipeline(args: argparse.Namespace) -> dict:
     return out
 
 
-SECTIONS: dict[str, Callable[[argparse.Namespace], dict]] = {"batching": bench_batching, "pipeline": bench_pipeline}
+def bench_forward(args: argparse.Namespace) -> dict:
+    """Native LLaDA forward per batch x sequence: seconds, TFLOP/s, MFU against the measured bf16
+    matmul peak, peak memory. LLaDA-8B needs a GPU; `--forward-model tiny` is the CPU smoke run."""
+    from pipeline.forward_benchmark import MODELS, measure_forward, parse_shapes
+
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.forward_model == "llada-8b" and device.type != "cuda":
+        raise SystemExit("bench forward: LLaDA-8B (16 GB of bf16 weights) needs a GPU; "
+                         "use --forward-model tiny for a CPU run of the same code")
+    try:
+        shapes = parse_shapes(args.forward_shapes)
+    except ValueError as e:
+        raise SystemExit(f"--forward-shapes: {e}")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.forward_dtype]
+    out = measure_forward(MODELS[args.forward_model], shapes, device, dtype, repeats=args.repeats,
+                          peak_n=args.peak_n)
+    out["model"] = f"{args.forward_model} (random weights)"
+    print(f"forward: {out['model']}, {out['parameters'] / 1e9:.2f}B parameters, {out['dtype']} on {out['device']}; "
+          f"measured matmul peak {out['matmul_peak_tflops']:.1f} TFLOP/s (n={out['peak_matmul_n']})")
+    print(f"  {'batch x seq':>12} {'ms':>9} {'TFLOP/s':>8} {'MFU':>6} {'GFLOP/tok':>9} {'peak GiB':>8}")
+    for r in out["shapes"]:
+        mem = f"{r['peak_memory_gib']:8.2f}" if r["peak_memory_gib"] is not None else f"{'-':>8}"
+        print(f"  {r['batch']:>5} x {r['seq']:<5} {1e3 * r['seconds']:9.2f} {r['tflops']:8.2f} "
+              f"{100 * r['mfu']:5.1f}% {r['gflop_per_token']:9.2f} {mem}")
+    return out
+
+
+SECTIONS: dict[str, Callable[[argparse.Namespace], dict]] = {"batching": bench_batching, "pipeline": bench_pipeline,
+                                                             "forward": bench_forward}
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
     """Run the chosen sections; print each one's table, then the merged JSON object last."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--section", action="append", choices=sorted(SECTIONS), help="repeatable; default: all")
+    p.add_argument("--section", action="append", choices=sorted(SECTIONS),
+                   help="repeatable; default: all (forward only where a GPU is present)")
     p.add_argument("--model", choices=["auto", "tiny", "scripted"], default="auto",
                    help="batching: the tiny trained LLaDA if present (auto), or the scripted model")
     p.add_argument("--prompts", type=int, default=256, help="batching: prompts decoded per setting")
@@ -205,12 +244,19 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--repeats", type=int, default=3, help="timed repetitions per setting (the best counts)")
     p.add_argument("--pipeline-prompts", type=int, default=2048, help="pipeline: prompts (half per task)")
     p.add_argument("--pipeline-batch-size", type=int, default=128, help="pipeline: rows per actor call")
+    p.add_argument("--forward-model", choices=["llada-8b", "tiny"], default="llada-8b",
+                   help="forward: LLaDA-8B (GPU) or a tiny LLaDA (any device), random weights")
+    p.add_argument("--forward-shapes", default="1x384,8x384,32x512", help="forward: BATCHxSEQUENCE,...")
+    p.add_argument("--forward-dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="forward: weights dtype")
+    p.add_argument("--device", default="auto", help="forward: cuda, cuda:N or cpu (auto: cuda if present)")
+    p.add_argument("--peak-n", type=int, default=8192, help="forward: n of the n x n x n matmul that measures the peak")
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads (1: on a busy 2-core machine small ops with 2 threads wait "
                         "on each other)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    results = {name: SECTIONS[name](args) for name in (args.section or sorted(SECTIONS))}
+    default = [s for s in sorted(SECTIONS) if s != "forward" or torch.cuda.is_available()]
+    results = {name: SECTIONS[name](args) for name in (args.section or default)}
     print(json.dumps(results))
     return results
 

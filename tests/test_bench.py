@@ -49,3 +49,41 @@ def test_bench_pipeline_section_decodes_every_row_through_ray(ray_local):
     assert out["pipeline_rows_per_s"] > 0 and out["bare_rows_per_s"] > 0
     assert math.isclose(out["ratio"], out["pipeline_rows_per_s"] / out["bare_rows_per_s"], rel_tol=0.01)
     assert out["startup_s"] < out["wall_s"]
+
+
+@pytest.mark.parametrize("kv_heads,keep", [(None, 0), (2, 5)])
+def test_forward_flops_formula_matches_torchs_flop_counter(kv_heads, keep):
+    import dataclasses
+
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pipeline.forward_benchmark import TINY, forward_flops, random_llada
+
+    cfg = dataclasses.replace(TINY, n_kv_heads=kv_heads)
+    model = random_llada(cfg, torch.device("cpu"), torch.float32)
+    ids = torch.randint(0, cfg.vocab_size, (3, 24))
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        model(ids, None, logits_to_keep=keep)
+    counts = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    attention = 4 * 3 * 24 * 24 * cfg.d_model * cfg.n_layers  # QK^T and AV; CPU's SDPA kernel is not counted
+    assert counts.pop("aten.mm") == forward_flops(cfg, 3, 24, keep) - attention  # every linear layer, exactly
+    assert sum(counts.values()) in (0, attention)
+
+
+def test_llada_8b_config_costs_about_15_gflop_per_position():
+    from pipeline.forward_benchmark import MODELS, forward_flops
+
+    per_token = forward_flops(MODELS["llada-8b"], 1, 1) / 1e9  # no attention term at length 1
+    assert 14.5 < per_token < 15.5  # SPEC: about 15 GFLOP per position
+
+
+def test_bench_forward_section_runs_the_tiny_model_on_cpu():
+    bench = load_job("bench")
+    out = bench.main(["--section", "forward", "--forward-model", "tiny", "--forward-shapes", "2x16,1x32",
+                      "--peak-n", "128", "--repeats", "1", "--device", "cpu"])["forward"]
+    assert [(r["batch"], r["seq"]) for r in out["shapes"]] == [(2, 16), (1, 32)]
+    for r in out["shapes"]:
+        assert r["seconds"] > 0 and r["mfu"] == pytest.approx(r["tflops"] / out["matmul_peak_tflops"])
+    with pytest.raises(SystemExit, match="needs a GPU"):
+        bench.main(["--section", "forward", "--device", "cpu"])
