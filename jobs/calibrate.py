@@ -4,8 +4,8 @@
 
 Sweeps thresholds (logit units of THIS model) x region x statistic on validation prompts (held
 out from training and distinct from the test prompts jobs/evaluate.py uses), keeps the setting
-with the largest step speed-up whose accuracy is at least Full's minus --tolerance points, and
-writes {"decode": {...}, "model", "task", "validation": {...}} to --out (default
+with the largest step speed-up whose accuracy is at least Full's minus --tolerance points and
+above Half's (unless --no-beat-half), and writes {"decode": {...}, "model", "task", "validation": {...}} to --out (default
 MODEL/calibration.json), the format DecodeConfig.with_calibration reads.
 """
 from __future__ import annotations
@@ -31,6 +31,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--model", type=Path, required=True, help="model directory")
     p.add_argument("--task", default="sudoku4", choices=sorted(TASKS))
     p.add_argument("--tolerance", type=float, default=0.5, help="accuracy points below Full allowed")
+    p.add_argument("--beat-half", action=argparse.BooleanOptionalAction, default=True,
+                   help="also require accuracy above Half's (half the steps) on the same prompts")
     p.add_argument("--n", type=int, default=500, help="validation prompts")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, help="output file; default MODEL/calibration.json")
@@ -45,7 +47,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     task = get_task(args.task)
     model = load_model(args.model)
-    result = calibrate(model, task, task.examples("valid", task.available("valid", args.n), seed=args.seed), args.tolerance)
+    examples = task.examples("valid", task.available("valid", args.n), seed=args.seed)
+    result = calibrate(model, task, examples, args.tolerance, beat_half=args.beat_half)
     result["command"] = "jobs/calibrate.py " + " ".join(argv if argv is not None else sys.argv[1:])
     out = args.out or args.model / "calibration.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
