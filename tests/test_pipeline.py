@@ -375,8 +375,8 @@ def test_actor_turns_bad_rows_and_nonfinite_logits_into_error_rows(tiny_model_di
     nine = actor.model.encode("9")[0]
     inner = actor.model.module
 
-    def nan_for_nines(ids, mask):
-        out = inner(ids, mask)
+    def nan_for_nines(ids, mask, **kw):
+        out = inner(ids, mask, **kw)
         return out.masked_fill((ids == nine).any(dim=1)[:, None, None], float("nan"))
 
     actor.model.module = nan_for_nines
