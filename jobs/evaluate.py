@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 from prophet.config import PRESETS, DecodeConfig  # noqa: E402
 from prophet.models import load_model  # noqa: E402
 from prophet.tasks import TASKS, Task, get_task  # noqa: E402
-from prophet.tasks.evaluation import Outcome, run_task, task_config  # noqa: E402
+from prophet.tasks.evaluation import half, run_task, task_config  # noqa: E402
 from prophet.types import TextDLM  # noqa: E402
 
 SHIPPED = ("checkpoints/tiny-llada", "checkpoints/tiny-dream")
@@ -37,7 +37,7 @@ STATISTICS = (("mean", 0.1), ("min", 0.1), ("quantile", 0.1))
 def rule_configs(model: TextDLM, task: Task, calibration: Path | None) -> list[tuple[str | None, DecodeConfig]]:
     """(label or None for the automatic one, config) of every rule to evaluate."""
     full = task_config(model, task)
-    out: list[tuple[str | None, DecodeConfig]] = [(None, full), (None, replace(full, steps=full.steps // 2)),
+    out: list[tuple[str | None, DecodeConfig]] = [(None, full), (None, half(full)),
                                                   (None, replace(full, steps=1))]
     for region in ("window", "block"):
         for stat, q in STATISTICS:

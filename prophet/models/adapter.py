@@ -50,7 +50,7 @@ class NativeAdapter:
         out = self.module(ids, attention_mask, logits_to_keep=keep)
         if self.shift:
             out = out[:, :-1] if keep else shift_logits_right(out)
-        return out if last is None or keep else out[:, L - last:]
+        return out if last is None else out[:, out.shape[1] - last:]
 
     def encode(self, text: str) -> list[int]:
         """Plain text -> ids (no specials added, no template)."""

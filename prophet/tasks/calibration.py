@@ -10,7 +10,7 @@ Thousands of settings are scored from that trace; the chosen one is then run for
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -19,7 +19,7 @@ from prophet.config import DecodeConfig
 from prophet.rules import pool_gaps, top2_gap
 from prophet.schedules import prophet_tau
 from prophet.tasks.base import Example, Task
-from prophet.tasks.evaluation import Outcome, run_task, task_config
+from prophet.tasks.evaluation import Outcome, half, run_task, task_config
 from prophet.types import TextDLM
 
 # Low threshold a (logit units) and shape d: thresholds (a + 2d, a + d, a) over the first,
@@ -185,10 +185,10 @@ def calibrate(model: TextDLM, task: Task, examples: Sequence[Example], tolerance
     full_cfg = task_config(model, task)
     trace = trace_full(model, task, examples, full_cfg)
     full = trace.full
-    half = run_task(model, task, examples, replace(full_cfg, steps=full_cfg.steps // 2)) if beat_half else None
-    floor = accuracy_floor(full.accuracy, tolerance, half.accuracy if half else None, full.n)
+    halved = run_task(model, task, examples, half(full_cfg)) if beat_half else None
+    floor = accuracy_floor(full.accuracy, tolerance, halved.accuracy if halved else None, full.n)
     log(f"full: accuracy {full.accuracy:.4f} over {full.n} prompts"
-        + (f"; half: {half.accuracy:.4f}" if half else "") + f"; floor {floor:.4f}")
+        + (f"; half: {halved.accuracy:.4f}" if halved else "") + f"; floor {floor:.4f}")
     rows = sweep(trace)
     table = []
     for cand, acc, steps in best_per_group(rows, floor):
@@ -206,12 +206,12 @@ def calibrate(model: TextDLM, task: Task, examples: Sequence[Example], tolerance
                     "validation": {"split": "valid", "n": full.n, "tolerance_points": tolerance,
                                    "beat_half": beat_half, "floor": round(floor, 6),
                                    "settings_simulated": len(rows), "full": full.row(model.name, task.name),
-                                   "half": half.row(model.name, task.name) if half else None,
+                                   "half": halved.row(model.name, task.name) if halved else None,
                                    "chosen": real.row(model.name, task.name),
                                    "chosen_simulated": {"accuracy": round(acc, 4), "mean_steps": round(steps, 4)},
                                    "best_per_statistic_and_shape": table}}
-    beat = f" and above Half ({half.accuracy:.4f})" if half else ""
+    beat = f" and above Half ({halved.accuracy:.4f})" if halved else ""
     raise RuntimeError(f"no Prophet setting kept accuracy within {tolerance} points of Full "
                        f"({full.accuracy:.4f}){beat} on {task.name}: raise the tolerance"
-                       + (", or drop the Half condition (--no-beat-half)" if half else "")
+                       + (", or drop the Half condition (--no-beat-half)" if halved else "")
                        + ", or widen LEVELS")
