@@ -36,6 +36,14 @@ def read_output(out: str | Path) -> pa.Table:
     return pa.concat_tables([pq.read_table(p) for p in output.part_files(str(out))], promote_options="permissive")
 
 
+def pending_pool_actors() -> list[dict]:
+    """GenerateActor entries of the session's Ray waiting to be placed (the GCS table: no dashboard here)."""
+    from ray._private.state import actors
+
+    return [a for a in actors().values()
+            if "GenerateActor" in a.get("ActorClassName", "") and a["State"] in ("PENDING_CREATION", "RESTARTING")]
+
+
 def write_jsonl(path: Path, rows: list[dict], extra: bytes = b"") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(b"".join((json.dumps(r) + "\n").encode() for r in rows) + extra)
@@ -190,3 +198,6 @@ def test_a_gpu_request_on_a_cluster_without_gpus_fails_within_the_wait(ray_local
         run(cfg, log=lambda _: None)
     assert time.time() - t0 < 60
     assert output.part_files(cfg.output.dir) == []
+    # nothing is left asking the cluster for a GPU (an autoscaler would keep trying to add one)
+    assert {v["state"] for v in ray_local.util.placement_group_table().values()} <= {"REMOVED"}
+    assert not pending_pool_actors()
