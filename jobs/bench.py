@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from prophet import DecodeConfig, DecodeResult, decode  # noqa: E402
 from prophet.scripted import ScriptedDLM  # noqa: E402
-from prophet.types import DLM  # noqa: E402
+from prophet.types import DLM, last_positions  # noqa: E402
 
 TINY_LLADA = ROOT / "checkpoints" / "tiny-llada"
 
@@ -64,8 +64,7 @@ class CostlyScriptedDLM(ScriptedDLM):
         h = self.embed[ids]  # (B, L, H)
         for w_in, w_out in self.weights:
             h = h + torch.nn.functional.gelu(h @ w_in) @ w_out
-        h = h if last is None else h[:, ids.shape[1] - last:]
-        return super().logits(ids, attention_mask, last) + 0.0 * torch.tanh(h[..., :1])
+        return super().logits(ids, attention_mask, last) + 0.0 * torch.tanh(last_positions(h, last)[..., :1])
 
 
 @dataclass

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from prophet.types import last_positions
+
 _P = 2147483647  # 2**31 - 1: keeps every hash product inside int64
 
 
@@ -62,7 +64,7 @@ class ScriptedDLM:
             first = attention_mask.long().argmax(1)  # first real position
             poisoned = ids.gather(1, first[:, None])[:, 0] == self.nonfinite_token
             out[poisoned] = float("nan")
-        return out if last is None else out[:, L - last:]
+        return last_positions(out, last)
 
     def _prompt_hash(self, ids: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
         """(B, P) left-padded prompts -> (B,) hash over real tokens at positions relative to the first one."""

@@ -57,6 +57,12 @@ class TextDLM(DLM, Protocol):
         ...
 
 
+def last_positions(x: torch.Tensor, last: int | None) -> torch.Tensor:
+    """(B, L, ...) -> the last `last` positions (B, last, ...), as `DLM.logits(..., last=)` returns
+    them; None keeps every position (and last=0 keeps none, where x[:, -0:] would keep all)."""
+    return x if last is None else x[:, x.shape[1] - last:]
+
+
 @dataclass
 class DecodeResult:
     """Per-row outcome of one `decode` call, rows in input order."""

@@ -8,6 +8,7 @@ from torch import nn
 
 from prophet.models.errors import ModelLoadError
 from prophet.models.tokenizer import Tokenizer
+from prophet.types import last_positions
 
 
 def shift_logits_right(logits: torch.Tensor) -> torch.Tensor:
@@ -50,7 +51,7 @@ class NativeAdapter:
         out = self.module(ids, attention_mask, logits_to_keep=keep)
         if self.shift:
             out = out[:, :-1] if keep else shift_logits_right(out)
-        return out if last is None else out[:, out.shape[1] - last:]
+        return last_positions(out, last)
 
     def encode(self, text: str) -> list[int]:
         """Plain text -> ids (no specials added, no template)."""

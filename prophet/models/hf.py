@@ -13,6 +13,7 @@ import torch
 
 from prophet.models.errors import ModelLoadError
 from prophet.models.layers import position_ids
+from prophet.types import last_positions
 
 PINNED_REVISION = re.compile(r"[0-9a-f]{40}")
 
@@ -90,7 +91,7 @@ class HFMaskedLMAdapter:
         the tail, so every position is scored and then sliced."""
         kw = {} if self._offset is None else {"position_ids": position_ids(attention_mask) + self._offset}
         out = self.module(input_ids=ids, attention_mask=attention_mask.long(), **kw).logits
-        return out if last is None else out[:, ids.shape[1] - last:]
+        return last_positions(out, last)
 
     def encode(self, text: str) -> list[int]:
         """Plain text -> ids, no special tokens added."""
