@@ -13,6 +13,7 @@ DreamAlg = Literal["origin", "maskgit_plus", "topk_margin", "entropy"]
 Rule = Literal["full", "prophet", "gap_parallel", "confidence_threshold"]
 Region = Literal["anchor", "window", "block"]
 Statistic = Literal["mean", "min", "quantile"]
+Cache = Literal["none", "prefix", "dual"]
 
 # Prophet thresholds (tau_high, tau_mid, tau_low) in logit units, applied over the first,
 # middle and last third of the step budget. "default" is the project's; the others are the
@@ -36,7 +37,11 @@ class DecodeConfig:
     host: Host = "llada"              # whose step schedule to run (LLaDA blocks or Dream eps)
     gen_length: int = 64              # generated positions after the prompt
     steps: int = 64                   # step budget (forward passes) for the whole window
-    block_length: int | None = None   # LLaDA semi-AR block; None = one block of gen_length
+    block_length: int | None = None   # semi-autoregressive block (both hosts); None = one block of gen_length
+    # Block KV cache (SPEC section 6): none, prefix (cache what precedes the block) or dual (also
+    # the positions after it, as of the block's first step). Needs a model that keeps keys/values.
+    cache: Cache = "none"
+    cache_refresh_every: int | None = None  # also refresh every k steps inside a block (1 = as 'none')
     temperature: float = 0.0          # 0 = argmax; > 0 = float64 Gumbel-max (LLaDA) / sampling (Dream)
     # LLaDA host
     remasking: Remasking = "low_confidence"
@@ -78,8 +83,8 @@ class DecodeConfig:
                 nb = self.gen_length // self.block_length
                 raise ConfigError(f"steps={self.steps} is not a multiple of the number of blocks ({nb} = "
                                   "gen_length / block_length): choose steps divisible by it")
-        if self.host == "dream" and self.block_length not in (None, self.gen_length):
-            raise ConfigError("block_length applies to host 'llada' only: leave it unset for host 'dream'")
+        if self.cache_refresh_every is not None:
+            _positive(self, "cache_refresh_every")
         th = tuple(float(t) for t in self.thresholds)
         if len(th) != 3 or not all(math.isfinite(t) for t in th):
             raise ConfigError(f"thresholds={self.thresholds!r}: give three finite numbers (high, mid, low)")
@@ -147,7 +152,7 @@ class DecodeConfig:
 
 def _check_literals(cfg: DecodeConfig) -> None:
     hints = {"host": Host, "remasking": Remasking, "alg": DreamAlg, "rule": Rule,
-             "region": Region, "statistic": Statistic}
+             "region": Region, "statistic": Statistic, "cache": Cache}
     for name, lit in hints.items():
         value, choices = getattr(cfg, name), get_args(lit)
         if value not in choices:

@@ -34,8 +34,9 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 
@@ -44,7 +45,7 @@ from prophet.rules import (Noise, budget_floor, cfg_mix, compact, count_generate
                            dream_probs, gumbel_argmax, gumbel_perturb, pool_gaps, prophet_decision, rank_desc,
                            sample_from_probs, select_positions, softmax_of, top2_gap)
 from prophet.schedules import dream_schedule, dream_transfer_fraction, llada_schedule, prophet_tau
-from prophet.types import DLM, DecodeResult
+from prophet.types import DLM, CachedDLM, DecodeResult
 
 # ---------------------------------------------------------------------------------------------
 # Shared with the oracle: request checks, seeds, result assembly
@@ -113,12 +114,38 @@ def stop_ids(model: DLM) -> tuple[int, ...]:
 
 def make_result(model: DLM, tokens: torch.Tensor, steps_used: torch.Tensor, committed_early: torch.Tensor,
                 commit_step: torch.Tensor, commit_gap: torch.Tensor, nonfinite: torch.Tensor,
-                decode_seconds: torch.Tensor, forward_rows: int) -> DecodeResult:
+                decode_seconds: torch.Tensor, forward_rows: int, forward_tokens: torch.Tensor) -> DecodeResult:
     """Assemble the typed result (num_generated counted up to the first EOS/EoT)."""
     return DecodeResult(tokens=tokens, steps_used=steps_used, committed_early=committed_early,
                         commit_step=commit_step, commit_gap=commit_gap,
                         num_generated=count_generated(tokens, stop_ids(model)), nonfinite=nonfinite,
-                        decode_seconds=decode_seconds, forward_rows=forward_rows)
+                        decode_seconds=decode_seconds, forward_rows=forward_rows, forward_tokens=forward_tokens)
+
+
+def span_lower(config: DecodeConfig, block: int) -> int:
+    """First window position a step at `block` scores: the block start, or the anchor's monitored
+    positions where they lie earlier (region 'anchor' watches them, decided or not)."""
+    lo = block * (config.gen_length // config.num_blocks)
+    if config.rule == "prophet" and config.region == "anchor":
+        lo = min(lo, monitored_slice(config).start)
+    return lo
+
+
+def step_span(config: DecodeConfig, block: int, sstep: int) -> tuple[int, int, bool]:
+    """(first window position, positions, refresh) that one step of a row scores (SPEC section 6).
+
+    No cache: the whole sequence runs; the positions from the block start on are scored. A refresh
+    (each block's first step, and every `cache_refresh_every` steps) runs the whole sequence too and
+    stores its keys/values. Between refreshes, prefix runs the block start to the window's end;
+    dual runs the block alone.
+    """
+    lo, G = span_lower(config, block), config.gen_length
+    k = config.cache_refresh_every
+    refresh = config.cache == "none" or sstep == 0 or (k is not None and sstep % k == 0)
+    if config.cache == "dual" and not refresh:
+        block_len = G // config.num_blocks
+        return block * block_len, block_len, False
+    return lo, G - lo, refresh
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,6 +168,7 @@ class _Plan:
     next_block: torch.Tensor   # (nb + 2,) first block >= b that has masks; nb where none
     first_cand: int            # candidates of a fresh row at its first step (host int, for noise shapes)
     init_masked: int           # masked window positions of a fresh row
+    first_block: int           # block a fresh row starts in (host int)
 
     @staticmethod
     def build(cfg: DecodeConfig, model: DLM, device: torch.device) -> "_Plan":
@@ -153,11 +181,12 @@ class _Plan:
         has = [c > 0 for c in counts] + [True, True]  # sentinels at nb, nb + 1
         nxt = [min(nb, next(j for j in range(b, nb + 2) if has[j])) for b in range(nb + 2)]
         return _Plan(cfg, model.mask_id, model.pad_id, stop_ids(model), cfg.steps // nb, nb, init, block_of, n0,
-                     torch.tensor(nxt, device=device), first_cand=counts[nxt[0]], init_masked=sum(counts))
+                     torch.tensor(nxt, device=device), first_cand=counts[nxt[0]], init_masked=sum(counts),
+                     first_block=nxt[0])
 
     def fresh_state(self, n: int) -> dict[str, torch.Tensor]:
         """Per-row device state of n newly admitted rows."""
-        dev = self.init_window.device
+        dev, G = self.init_window.device, self.init_window.numel()
         zeros = torch.zeros(n, dtype=torch.long, device=dev)
         return {"canvas": self.init_window.expand(n, -1).clone(),
                 "block": self.next_block[zeros],   # first block with masks
@@ -167,7 +196,12 @@ class _Plan:
                 "early": torch.zeros(n, dtype=torch.bool, device=dev),
                 "cstep": zeros - 1,
                 "cgap": torch.full((n,), float("nan"), device=dev),
-                "bad": torch.zeros(n, dtype=torch.bool, device=dev)}
+                "bad": torch.zeros(n, dtype=torch.bool, device=dev),
+                "ftok": zeros.clone(),             # positions sent through the model
+                # the latest top-2 gap and argmax of each window position (SPEC 6: under a dual
+                # cache, positions outside the block keep those of the last refresh)
+                "wgap": torch.full((n, G), float("nan"), device=dev),
+                "warg": self.init_window.expand(n, -1).clone()}
 
 
 @dataclass
@@ -180,6 +214,9 @@ class _Slot:
     n_cand: int                 # candidates at the next step (0 once finished)
     n_masked: int               # masked window positions at the next step
     t0: float                   # admission time
+    block: int                  # block of the next step
+    sstep: int = 0              # schedule steps consumed in that block
+    cache_slot: int = -1        # where the model keeps this row's keys/values (cache on)
     done: bool = False          # finished (frozen in the pass when batching is static)
 
 
@@ -192,10 +229,13 @@ class _Batch:
         self.prompt_ids = torch.empty(0, 0, dtype=torch.long, device=device)  # (B, P)
         self.prompt_real = torch.empty(0, 0, dtype=torch.bool, device=device)  # (B, P), False on pads
         self.t = {k: v[:0] for k, v in plan.fresh_state(0).items()}
+        self.free = list(range(plan.cfg.batch_size)) if plan.cfg.cache != "none" else []  # cache slots
 
     def keep(self, idx: list[int]) -> None:
         """Keep the slots at idx, dropping prompt columns that became padding for every row."""
         ix = torch.tensor(idx, dtype=torch.long, device=self.device)
+        kept = set(idx)
+        self.free += [s.cache_slot for i, s in enumerate(self.slots) if i not in kept and s.cache_slot >= 0]
         self.slots = [self.slots[i] for i in idx]
         self.t = {k: v.index_select(0, ix) for k, v in self.t.items()}
         cut = self.prompt_ids.shape[1] - max((s.prompt.numel() for s in self.slots), default=0)
@@ -216,6 +256,8 @@ class _Batch:
         self.prompt_ids, self.prompt_real = ids, real
         fresh = self.plan.fresh_state(len(slots))
         self.t = {k: torch.cat([v, fresh[k]]) for k, v in self.t.items()}
+        for s in slots:
+            s.cache_slot = self.free.pop(0) if self.free else -1
         self.slots += slots
 
     def noise(self, width: int, vocab: int) -> Noise:
@@ -237,34 +279,102 @@ class _Batch:
         return Noise(token, position)
 
 
-def _window_logits(model: DLM, batch: _Batch) -> torch.Tensor:
-    """One forward pass (both CFG passes stacked) -> (B, G, V) float32 window logits; the model
-    scores the window only (`last=G`), never the prompt."""
+@dataclass
+class _Span:
+    """Which window positions a step scores, per row: logits column c is window position off + c;
+    the row's own scored positions are lo .. lo + width - 1."""
+
+    logits: torch.Tensor  # (B, W, V)
+    off: torch.Tensor     # (B,)
+    lo: torch.Tensor      # (B,)
+    width: torch.Tensor   # (B,)
+
+    def scored(self) -> torch.Tensor:
+        """(B, W) bool: column c holds one of the row's scored positions."""
+        pos = self.off[:, None] + torch.arange(self.logits.shape[1], device=self.off.device)
+        return (pos >= self.lo[:, None]) & (pos < (self.lo + self.width)[:, None])
+
+    def columns(self, positions: torch.Tensor) -> torch.Tensor:
+        """(B, K) window positions -> (B, K) logits columns (clamped, for padded slots)."""
+        return (positions - self.off[:, None]).clamp(0, self.logits.shape[1] - 1)
+
+
+def _span_logits(model: DLM, batch: _Batch, spans: list[tuple[int, int, bool]]) -> _Span:
+    """The step's forward pass(es) -> span logits, float32. Both CFG passes run stacked.
+
+    No cache: one pass over every row's whole sequence, the LM head on the last W positions. With a
+    cache: rows that refresh and rows that read the cache run as two passes (their widths differ),
+    each row in its own cache slot.
+    """
     cfg, canvas = batch.plan.cfg, batch.t["canvas"]
     B, G = canvas.shape
+    P = batch.prompt_ids.shape[1]
+    dev = canvas.device
     attn = torch.cat([batch.prompt_real, torch.ones_like(canvas, dtype=torch.bool)], 1)  # (B, P + G)
     ids = torch.cat([batch.prompt_ids, canvas], 1)
-    if cfg.cfg_scale <= 0:
-        return model.logits(ids, attn, last=G).float()
-    # unconditional pass: the row's real prompt positions masked, pads left as pads
-    uncond = torch.cat([torch.where(batch.prompt_real, batch.plan.mask_id, batch.prompt_ids), canvas], 1)
-    out = model.logits(torch.cat([ids, uncond]), torch.cat([attn, attn]), last=G).float()  # (2B, G, V)
-    return cfg_mix(out[:B], out[B:], cfg.cfg_scale)
+    cfg_on = cfg.cfg_scale > 0
+    if cfg_on:  # unconditional pass: the row's real prompt positions masked, pads left as pads
+        uncond = torch.cat([torch.where(batch.prompt_real, batch.plan.mask_id, batch.prompt_ids), canvas], 1)
+        ids, attn = torch.cat([ids, uncond]), torch.cat([attn, attn])
+    W = max(w + lo for lo, w, _ in spans) - min(lo for lo, _, _ in spans) if cfg.cache == "none" else \
+        max(w for _, w, _ in spans)
+    lo = torch.tensor([sp[0] for sp in spans], device=dev)
+    width = torch.tensor([sp[1] for sp in spans], device=dev)
+    if cfg.cache == "none":
+        no_pad = all(sl.prompt.numel() == P for sl in batch.slots)  # known on the host: no sync
+        out = model.logits(ids, None if no_pad else attn, last=W)  # (B or 2B, W, V)
+        off = torch.full((B,), G - W, device=dev)
+    else:
+        out = None
+        for refresh in (True, False):
+            rows = [i for i, sp in enumerate(spans) if sp[2] == refresh]
+            if not rows:
+                continue
+            rows_all = rows + [i + B for i in rows] if cfg_on else rows
+            kv = [batch.slots[i].cache_slot for i in rows]
+            kv = kv + [k + cfg.batch_size for k in kv] if cfg_on else kv
+            ix = torch.tensor(rows_all, device=dev)
+            w = max(spans[i][1] for i in rows)
+            part = model.cached_logits(ids[ix], attn[ix], torch.tensor(kv, device=dev), P + lo.repeat(1 + cfg_on)[ix],
+                                       w, refresh)  # (rows, w, V)
+            if len(rows) == B and w == W:
+                out = part
+                break
+            if out is None:
+                out = part.new_zeros(ids.shape[0], W, part.shape[-1])
+            out[ix, :w] = part
+        off = lo
+    out = out.float()
+    if cfg_on:
+        out = cfg_mix(out[:B], out[B:], cfg.cfg_scale)
+    return _Span(out, off, lo, width)
 
 
-def _prophet_gaps(batch: _Batch, lw: torch.Tensor, lc: torch.Tensor, valid: torch.Tensor,
+def _summarise(t: dict[str, torch.Tensor], span: _Span) -> None:
+    """Store the top-2 gap and argmax of every scored position in the row's window view."""
+    ls = span.logits
+    B, W, _ = ls.shape
+    G = t["wgap"].shape[1]
+    top = ls.topk(2, dim=-1).values  # (B, W, 2)
+    pos = span.off[:, None] + torch.arange(W, device=ls.device)
+    pos = torch.where(span.scored(), pos, G)  # unscored columns land in a scratch column
+    gap = torch.cat([t["wgap"], t["wgap"][:, :1]], 1).scatter_(1, pos, (top[..., 0] - top[..., 1]).float())
+    arg = torch.cat([t["warg"], t["warg"][:, :1]], 1).scatter_(1, pos, ls.argmax(-1))
+    t["wgap"], t["warg"] = gap[:, :G], arg[:, :G]
+
+
+def _prophet_gaps(batch: _Batch, idx: torch.Tensor, valid: torch.Tensor,
                   masked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gaps (B, W) and region mask (B, W) of the monitored region, sliced before any top-k over V."""
-    plan = batch.plan
+    """Gaps (B, K) and region mask (B, K) of the monitored region, from the window view."""
+    plan, wgap = batch.plan, batch.t["wgap"]
     region = plan.cfg.region
     if region == "anchor":
-        gaps = top2_gap(lw[:, monitored_slice(plan.cfg)])
+        gaps = wgap[:, monitored_slice(plan.cfg)]
         return gaps, torch.ones_like(gaps, dtype=torch.bool)
-    if region == "block" or plan.nb == 1:  # the block's masked positions are this step's candidates
-        return top2_gap(lc), valid
-    width = max(1, max(s.n_masked for s in batch.slots))
-    idx, mvalid = compact(masked, width)
-    return top2_gap(lw.gather(1, idx[..., None].expand(-1, -1, lw.shape[-1]))), mvalid
+    if region == "block":  # the block's masked positions are this step's candidates
+        return wgap.gather(1, idx), valid
+    midx, mvalid = compact(masked, max(1, max(s.n_masked for s in batch.slots)))
+    return wgap.gather(1, midx), mvalid
 
 
 def _propose(plan: _Plan, t: dict[str, torch.Tensor], lc: torch.Tensor, valid: torch.Tensor, noise: Noise,
@@ -286,12 +396,12 @@ def _propose(plan: _Plan, t: dict[str, torch.Tensor], lc: torch.Tensor, valid: t
         prob = probs.gather(-1, x0[..., None])[..., 0]
         if cfg.alg == "origin":
             key, k = -noise.position, torch.zeros_like(n)
-            reveal = noise.position < dream_transfer_fraction(sstep, cfg.steps, cfg.eps)[:, None]
+            reveal = noise.position < dream_transfer_fraction(sstep, plan.S, cfg.eps)[:, None]
         else:
             key = dream_confidence(probs, x0, cfg.alg)
             if cfg.alg_temp > 0:
                 key = gumbel_perturb(key, noise.position, cfg.alg_temp)
-            k = dream_schedule(n, sstep, cfg.steps, cfg.eps)
+            k = dream_schedule(n, sstep, plan.S, cfg.eps)
     demoted = torch.zeros_like(valid)
     if cfg.confidence_eos_eot_inf:
         demoted = torch.isin(x0, torch.tensor(plan.stops, device=x0.device))
@@ -308,31 +418,37 @@ def _propose(plan: _Plan, t: dict[str, torch.Tensor], lc: torch.Tensor, valid: t
 
 
 def _step(model: DLM, batch: _Batch) -> list[list[int]]:
-    """One forward pass and one update of every live row; returns per row [finished, n_cand, n_masked].
+    """One forward pass and one update of every live row; returns per row
+    [finished, n_cand, n_masked, block, sstep] for the next step.
 
     The returned list is the step's single host synchronisation.
     """
     plan, t = batch.plan, batch.t
     cfg = plan.cfg
-    lw = _window_logits(model, batch)  # (B, G, V)
+    spans = [step_span(cfg, min(s.block, plan.nb - 1), s.sstep) for s in batch.slots]
+    span = _span_logits(model, batch, spans)
+    lw = span.logits  # (B, W, V)
     V = lw.shape[-1]
-    bad = t["live"] & ~torch.isfinite(lw).flatten(1).all(1)
-    lw = torch.where(bad[:, None, None], 0.0, lw)
+    finite = torch.isfinite(lw.amax(-1)) & torch.isfinite(lw.amin(-1))  # (B, W), no (B, W, V) temporary
+    bad = t["live"] & ~(finite | ~span.scored()).all(1)
+    lw.masked_fill_(bad[:, None, None], 0.0)
     if cfg.logits_eos_inf:
         lw[..., model.eos_id] = float("-inf")
     t["used"] += t["live"].long()
+    t["ftok"] += t["live"].long() * _forward_tokens(model, batch, spans)
     live = t["live"] & ~bad
     masked = t["canvas"] == plan.mask_id  # (B, G)
     in_block = plan.block_of[None, :] == t["block"][:, None]
     idx, valid = compact(masked & in_block & live[:, None], max(1, max(s.n_cand for s in batch.slots)))
-    lc = lw.gather(1, idx[..., None].expand(-1, -1, V))  # (B, C, V) candidate logits
+    lc = lw.gather(1, span.columns(idx)[..., None].expand(-1, -1, V))  # (B, C, V) candidate logits
     tau = prophet_tau(t["block"] * plan.S + t["sstep"], cfg.steps, cfg.thresholds)
     commit = torch.zeros_like(live)
     if cfg.rule == "prophet":
-        gaps, region = _prophet_gaps(batch, lw, lc, valid, masked & live[:, None])
+        _summarise(t, span)
+        gaps, region = _prophet_gaps(batch, idx, valid, masked & live[:, None])
         pooled = pool_gaps(gaps, region, cfg.statistic, cfg.quantile)
         commit = live & prophet_decision(pooled, tau)
-        t["canvas"] = torch.where(commit[:, None] & masked, lw.argmax(-1), t["canvas"])
+        t["canvas"] = torch.where(commit[:, None] & masked, t["warg"], t["canvas"])
         t["early"] |= commit
         t["cstep"] = torch.where(commit, t["used"], t["cstep"])
         t["cgap"] = torch.where(commit, pooled, t["cgap"])
@@ -340,6 +456,16 @@ def _step(model: DLM, batch: _Batch) -> list[list[int]]:
     x0, sel = _propose(plan, t, lc, valid, batch.noise(idx.shape[1], V), tau)
     t["canvas"].scatter_(1, idx, torch.where(sel, x0, t["canvas"].gather(1, idx)))
     return _advance(batch, live, bad, commit)
+
+
+def _forward_tokens(model: DLM, batch: _Batch, spans: list[tuple[int, int, bool]]) -> torch.Tensor:
+    """(B,) positions each row sends through the model this step: its whole sequence on a refresh (or
+    without cache), else its scored positions plus the model's lead; both CFG passes counted."""
+    G, lead = batch.plan.cfg.gen_length, getattr(model, "query_lead", 0)
+    passes = 2 if batch.plan.cfg.cfg_scale > 0 else 1
+    n = [passes * (s.prompt.numel() + G if refresh else width + lead)
+         for s, (_, width, refresh) in zip(batch.slots, spans)]
+    return torch.tensor(n, device=batch.device)
 
 
 def _advance(batch: _Batch, live: torch.Tensor, bad: torch.Tensor, commit: torch.Tensor) -> list[list[int]]:
@@ -356,7 +482,7 @@ def _advance(batch: _Batch, live: torch.Tensor, bad: torch.Tensor, commit: torch
     finished = t["live"] & (bad | commit | (n_masked == 0) | (t["block"] >= plan.nb))
     t["live"] &= ~finished
     n_cand = (masked & (plan.block_of[None, :] == t["block"][:, None]) & t["live"][:, None]).sum(1)
-    return torch.stack([finished.long(), n_cand, n_masked], 1).tolist()
+    return torch.stack([finished.long(), n_cand, n_masked, t["block"], t["sstep"]], 1).tolist()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -370,7 +496,7 @@ class _Outputs:
         G = plan.init_window.numel()
         self.tokens = torch.zeros(n, G, dtype=torch.long, device=device)
         fresh = plan.fresh_state(0)
-        self.state = {k: fresh[k].new_zeros((n,)) for k in ("used", "early", "cstep", "cgap", "bad")}
+        self.state = {k: fresh[k].new_zeros((n,)) for k in ("used", "early", "cstep", "cgap", "bad", "ftok")}
         self.seconds = torch.zeros(n, dtype=torch.float64)
 
     def record(self, batch: _Batch, idx: list[int], now: float) -> None:
@@ -397,15 +523,33 @@ def decode(model: DLM, prompts: Sequence[Sequence[int]], config: DecodeConfig,
     waiting = deque(range(len(prompts)))
     passes = 2 if config.cfg_scale > 0 else 1
     forward_rows = 0
-    while waiting or batch.slots:
-        if config.continuous or not batch.slots:
-            _admit(batch, waiting, prompts, seeds)
-        forward_rows += passes * len(batch.slots)
-        info = _step(model, batch)
-        _retire(batch, info, out, config.continuous)
+    with kv_cache(model, config, passes * config.batch_size, prompts):
+        while waiting or batch.slots:
+            if config.continuous or not batch.slots:
+                _admit(batch, waiting, prompts, seeds)
+            forward_rows += passes * len(batch.slots)
+            info = _step(model, batch)
+            _retire(batch, info, out, config.continuous)
     s = out.state
     return make_result(model, out.tokens, s["used"], s["early"], s["cstep"], s["cgap"].float(), s["bad"],
-                       out.seconds, forward_rows)
+                       out.seconds, forward_rows, s["ftok"])
+
+
+@contextmanager
+def kv_cache(model: DLM, config: DecodeConfig, slots: int, prompts: list[list[int]]) -> Iterator[None]:
+    """The model's keys/values for `slots` rows as long as the longest prompt plus the window, freed
+    on exit; nothing without a cache. Memory is bounded by the slots, not by the number of prompts."""
+    if config.cache == "none" or not prompts:
+        yield
+        return
+    if not isinstance(model, CachedDLM):
+        raise ConfigError(f"cache={config.cache!r}: this model ({getattr(model, 'family', type(model).__name__)}) "
+                          "keeps no keys/values between steps; use cache='none'")
+    model.setup_cache(slots, max(len(p) for p in prompts) + config.gen_length)
+    try:
+        yield
+    finally:
+        model.drop_cache()
 
 
 def _admit(batch: _Batch, waiting: deque, prompts: list[list[int]], seeds: list[int]) -> None:
@@ -419,18 +563,18 @@ def _admit(batch: _Batch, waiting: deque, prompts: list[list[int]], seeds: list[
         r = waiting.popleft()
         new.append(_Slot(r, row_generator(seeds[r], batch.device),
                          torch.tensor(prompts[r], dtype=torch.long, device=batch.device),
-                         plan.first_cand, plan.init_masked, now))
+                         plan.first_cand, plan.init_masked, now, plan.first_block))
     batch.add(new)
 
 
 def _retire(batch: _Batch, info: list[list[int]], out: _Outputs, continuous: bool) -> None:
     """Record finished rows; drop them (continuous) or leave them frozen until the batch is done."""
     now = time.perf_counter()
-    done = [i for i, (fin, _, _) in enumerate(info) if fin]
+    done = [i for i, row in enumerate(info) if row[0]]
     if done:
         out.record(batch, done, now)
-    for s, (fin, n_cand, n_masked) in zip(batch.slots, info):
-        s.n_cand, s.n_masked, s.done = n_cand, n_masked, s.done or bool(fin)
+    for s, (fin, n_cand, n_masked, block, sstep) in zip(batch.slots, info):
+        s.n_cand, s.n_masked, s.block, s.sstep, s.done = n_cand, n_masked, block, sstep, s.done or bool(fin)
     if continuous:
         if done:
             batch.keep([i for i, s in enumerate(batch.slots) if not s.done])

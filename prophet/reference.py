@@ -16,8 +16,8 @@ from typing import Sequence
 import torch
 
 from prophet.config import DecodeConfig
-from prophet.decode import (initial_window, make_result, monitored_slice, resolve_seeds, row_generator, stop_ids,
-                            validate_request)
+from prophet.decode import (initial_window, kv_cache, make_result, monitored_slice, resolve_seeds, row_generator,
+                            step_span, stop_ids, validate_request)
 from prophet.rules import (cfg_mix, draw_noise, dream_confidence, dream_probs, gumbel_argmax, gumbel_perturb,
                            pool_gaps, sample_from_probs, softmax_of, top2_gap)
 from prophet.types import DLM, DecodeResult
@@ -29,6 +29,7 @@ class _Row:
 
     tokens: torch.Tensor
     steps_used: int = 0
+    forward_tokens: int = 0
     committed_early: bool = False
     commit_step: int = -1
     commit_gap: float = float("nan")
@@ -43,8 +44,11 @@ def decode_reference(model: DLM, prompts: Sequence[Sequence[int]], config: Decod
     prompts = validate_request(model, prompts, config)
     seeds = resolve_seeds(len(prompts), generator, seeds)
     device = torch.device(model.device)
-    rows = [_decode_row(model, p, config, seed, device) for p, seed in zip(prompts, seeds)]
     passes = 2 if config.cfg_scale > 0 else 1
+    rows = []
+    for p, seed in zip(prompts, seeds):
+        with kv_cache(model, config, passes, [p]):  # slot 0: the row; slot 1: its CFG pass
+            rows.append(_decode_row(model, p, config, seed, device))
     tokens = (torch.stack([r.tokens for r in rows]) if rows
               else torch.zeros(0, config.gen_length, dtype=torch.long, device=device))
     return make_result(
@@ -55,16 +59,22 @@ def decode_reference(model: DLM, prompts: Sequence[Sequence[int]], config: Decod
         commit_gap=torch.tensor([r.commit_gap for r in rows], dtype=torch.float32, device=device),
         nonfinite=torch.tensor([r.nonfinite for r in rows], dtype=torch.bool, device=device),
         decode_seconds=torch.tensor([r.seconds for r in rows], dtype=torch.float64),
-        forward_rows=passes * sum(r.steps_used for r in rows))
+        forward_rows=passes * sum(r.steps_used for r in rows),
+        forward_tokens=torch.tensor([r.forward_tokens for r in rows], dtype=torch.long, device=device))
 
 
 def _decode_row(model: DLM, prompt: list[int], cfg: DecodeConfig, seed: int, device: torch.device) -> _Row:
-    """LLaDA's block loop (Dream = one block of `steps` steps) with the commit rule, for one prompt."""
+    """The semi-autoregressive block loop with the commit rule, for one prompt.
+
+    `view` holds the latest logits of every window position: each step overwrites the positions it
+    scores (SPEC 6: under a dual cache the rest keep those of the block's refresh pass).
+    """
     t0 = time.perf_counter()
     gen = row_generator(seed, device)
     prompt_t = torch.tensor(prompt, dtype=torch.long, device=device)
     window = initial_window(cfg, model.mask_id, device)
     row = _Row(window)
+    view: torch.Tensor | None = None
     G, nb = cfg.gen_length, cfg.num_blocks
     S, BL = cfg.steps // nb, G // nb
     for b in range(nb):
@@ -76,13 +86,20 @@ def _decode_row(model: DLM, prompt: list[int], cfg: DecodeConfig, seed: int, dev
             cand = masked & in_block
             if not cand.any():
                 break  # block done before its budget: skip its leftover steps
-            logits = _window_logits(model, prompt_t, window, cfg)  # (G, V)
+            lo, width, refresh = step_span(cfg, b, s)
+            scored = _scored_logits(model, prompt_t, window, cfg, lo, width, refresh)  # (width, V)
             row.steps_used += 1
-            if not torch.isfinite(logits).all():
+            row.forward_tokens += (2 if cfg.cfg_scale > 0 else 1) * (
+                len(prompt) + G if refresh else width + getattr(model, "query_lead", 0))
+            if not torch.isfinite(scored).all():
                 row.nonfinite = True
                 break
             if cfg.logits_eos_inf:
-                logits[:, model.eos_id] = float("-inf")
+                scored[:, model.eos_id] = float("-inf")
+            if view is None:
+                view = torch.zeros(G, scored.shape[-1], device=device)
+            view[lo:lo + width] = scored
+            logits = view
             p = (b * S + s) / cfg.steps
             tau = cfg.thresholds[0] if p < 1 / 3 else cfg.thresholds[1] if p < 2 / 3 else cfg.thresholds[2]
             if cfg.rule == "prophet":
@@ -98,17 +115,24 @@ def _decode_row(model: DLM, prompt: list[int], cfg: DecodeConfig, seed: int, dev
     return row
 
 
-def _window_logits(model: DLM, prompt: torch.Tensor, window: torch.Tensor, cfg: DecodeConfig) -> torch.Tensor:
-    """(G, V) float32 logits of the window; with CFG a second pass with the prompt masked."""
+def _scored_logits(model: DLM, prompt: torch.Tensor, window: torch.Tensor, cfg: DecodeConfig, lo: int,
+                   width: int, refresh: bool) -> torch.Tensor:
+    """(width, V) float32 logits of window positions lo .. lo + width - 1; with CFG a second pass with
+    the prompt masked (in cache slot 1). Without cache the whole sequence is scored, then sliced."""
     ids = torch.cat([prompt, window])[None]  # (1, L)
     attn = torch.ones_like(ids, dtype=torch.bool)
-    cond = model.logits(ids, attn)[0, -cfg.gen_length:].float()
-    if cfg.cfg_scale <= 0:
-        return cond
-    uncond_ids = ids.clone()
-    uncond_ids[0, :prompt.numel()] = model.mask_id
-    uncond = model.logits(uncond_ids, attn)[0, -cfg.gen_length:].float()
-    return cfg_mix(cond, uncond, cfg.cfg_scale)
+    uncond = ids.clone()
+    uncond[0, :prompt.numel()] = model.mask_id
+    first = torch.tensor([prompt.numel() + lo], device=ids.device)
+
+    def run(x: torch.Tensor, slot: int) -> torch.Tensor:
+        if cfg.cache == "none":
+            return model.logits(x, attn)[0, first.item():first.item() + width].float()
+        slots = torch.tensor([slot], device=ids.device)
+        return model.cached_logits(x, attn, slots, first, width, refresh)[0].float()
+
+    cond = run(ids, 0)
+    return cond if cfg.cfg_scale <= 0 else cfg_mix(cond, run(uncond, 1), cfg.cfg_scale)
 
 
 def _pooled_gap(logits: torch.Tensor, masked: torch.Tensor, cand: torch.Tensor, cfg: DecodeConfig) -> float:
@@ -139,8 +163,8 @@ def _update(window: torch.Tensor, logits: torch.Tensor, cand: torch.Tensor, cfg:
         probs = dream_probs(lc, cfg.temperature, cfg.top_p, cfg.top_k)
         x0 = probs.argmax(-1) if cfg.temperature == 0 else sample_from_probs(probs, noise.token)
         prob = probs[torch.arange(n), x0]
-        ts = torch.linspace(1, cfg.eps, cfg.steps + 1, device=window.device)
-        last = s == cfg.steps - 1
+        ts = torch.linspace(1, cfg.eps, S + 1, device=window.device)  # per block (Fast-dLLM's Dream)
+        last = s == S - 1
         if cfg.alg == "origin":
             score, k = -noise.position, 0
             reveal = (noise.position < (1 if last else 1 - ts[s + 1] / ts[s])).tolist()

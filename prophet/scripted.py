@@ -10,6 +10,11 @@ before the row is ready. Under
 Prophet, rows therefore commit at mixed steps, some of them wrongly, which exercises every rule,
 region and statistic. All arithmetic is integer hashing and element-wise float32, so a row's
 logits are bit-identical whatever batch it sits in.
+
+With a cache (`setup_cache`), the model keeps each slot's tokens as a one-layer transformer keeps
+keys/values: a pass writes the tokens of the positions it runs, and every scored position reads
+the slot as stored, so positions not run since the last refresh are seen as they were then
+(Dream-style dual cache staleness shows up in the logits, as in a real model).
 """
 from __future__ import annotations
 
@@ -50,10 +55,15 @@ class ScriptedDLM:
         self.nonfinite_token = nonfinite_token  # prompts starting with this token get NaN logits
         self.device = torch.device(device)
 
-    def logits(self, ids: torch.Tensor, attention_mask: torch.Tensor, last: int | None = None) -> torch.Tensor:
+    query_lead = 0
+    _stored: torch.Tensor | None = None  # (slots, length + 1) tokens at each row's own positions
+
+    def logits(self, ids: torch.Tensor, attention_mask: torch.Tensor | None, last: int | None = None) -> torch.Tensor:
         """ids (B, L), attention_mask (B, L) -> (B, L, V) float32 (or the last `last` positions);
         only the last gen_length columns carry signal."""
         B, L = ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones_like(ids, dtype=torch.bool)
         G = self.gen_length
         if L <= G:
             raise ValueError(f"ScriptedDLM(gen_length={G}) needs at least one prompt token before the window")
@@ -65,6 +75,33 @@ class ScriptedDLM:
             poisoned = ids.gather(1, first[:, None])[:, 0] == self.nonfinite_token
             out[poisoned] = float("nan")
         return last_positions(out, last)
+
+    def setup_cache(self, slots: int, length: int) -> None:
+        """Room for `slots` rows of up to `length` positions (one scratch position past the end)."""
+        self._stored = torch.full((slots, length + 1), self.pad_id, dtype=torch.long, device=self.device)
+
+    def drop_cache(self) -> None:
+        """Forget the stored tokens."""
+        self._stored = None
+
+    def cached_logits(self, ids: torch.Tensor, attention_mask: torch.Tensor, slots: torch.Tensor,
+                      first: torch.Tensor, width: int, refresh: bool) -> torch.Tensor:
+        """(B, width, V) logits of columns first .. first + width - 1, computed from the slots as stored
+        after writing the positions this pass runs (all real ones on refresh, else the scored ones)."""
+        if self._stored is None:
+            raise RuntimeError("cached_logits needs setup_cache() first")
+        B, L = ids.shape
+        cols = torch.arange(L, device=ids.device).expand(B, -1)
+        pos = cols - (L - attention_mask.sum(1))[:, None]  # (B, L) each column's position in its row
+        run = attention_mask.clone()
+        if not refresh:
+            run &= (cols >= first[:, None]) & (cols < first[:, None] + width)
+        scratch = self._stored.shape[1] - 1
+        self._stored[slots[:, None].expand(B, L), torch.where(run, pos, scratch)] = ids
+        seen = torch.where(attention_mask, self._stored[slots[:, None], pos.clamp(min=0)], self.pad_id)
+        keep = (first[:, None] + torch.arange(width, device=ids.device)).clamp(max=L - 1)  # (B, W)
+        out = self.logits(seen, attention_mask)
+        return out.gather(1, keep[..., None].expand(-1, -1, out.shape[-1]))
 
     def _prompt_hash(self, ids: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
         """(B, P) left-padded prompts -> (B,) hash over real tokens at positions relative to the first one."""

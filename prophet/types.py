@@ -25,8 +25,9 @@ class DLM(Protocol):
     vocab_size: int
     device: torch.device
 
-    def logits(self, ids: torch.Tensor, attention_mask: torch.Tensor, last: int | None = None) -> torch.Tensor:
-        """ids (B, L) int64, attention_mask (B, L) bool (False = left pad) -> (B, L, V) logits, or with
+    def logits(self, ids: torch.Tensor, attention_mask: torch.Tensor | None, last: int | None = None) -> torch.Tensor:
+        """ids (B, L) int64, attention_mask (B, L) bool (False = left pad; None = no padding, which
+        the caller knows without asking the device) -> (B, L, V) logits, or with
         `last` the last `last` positions only, (B, last, V): the decoder needs the window's logits
         alone, and at 8B scale (B, L, V) is gigabytes, so an adapter should run its LM head on
         those positions only.
@@ -35,6 +36,33 @@ class DLM(Protocol):
         Position ids restart at 0 on each row's first real token, so a padded row equals the
         same row unpadded.
         """
+        ...
+
+
+@runtime_checkable
+class CachedDLM(DLM, Protocol):
+    """A DLM that keeps keys/values between steps (SPEC section 6): the state lives on the model side,
+    the decoder passes in which slot each row uses and which positions to score.
+
+    A slot holds one row's sequence at its own positions (0 = first real token). `cached_logits`
+    with refresh=True runs every real position and stores all their keys/values; with refresh=False
+    it runs only the scored positions, writes theirs, and attends to the slot for the rest.
+    """
+
+    query_lead: int  # positions before the first scored one that a cached pass also runs (Dream: 1)
+
+    def setup_cache(self, slots: int, length: int) -> None:
+        """Allocate keys/values for `slots` rows of up to `length` positions."""
+        ...
+
+    def drop_cache(self) -> None:
+        """Free the keys/values."""
+        ...
+
+    def cached_logits(self, ids: torch.Tensor, attention_mask: torch.Tensor, slots: torch.Tensor,
+                      first: torch.Tensor, width: int, refresh: bool) -> torch.Tensor:
+        """ids, attention_mask (B, L) left-padded as for `logits`; slots, first (B,) -> aligned logits
+        (B, width, V) of columns first[b] .. first[b] + width - 1 (past a row's end: garbage)."""
         ...
 
 
@@ -76,6 +104,8 @@ class DecodeResult:
     nonfinite: torch.Tensor        # (N,) bool: the model returned NaN/inf logits for this row
     decode_seconds: torch.Tensor   # (N,) float64 wall time from slot admission to finish
     forward_rows: int              # rows x forward passes actually computed (the cost)
+    forward_tokens: torch.Tensor | None = None  # (N,) int64 positions the row sent through the model,
+    #                                             all passes (a refresh or no-cache pass: its whole sequence)
 
     def __len__(self) -> int:
         return self.tokens.shape[0]

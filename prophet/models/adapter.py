@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from prophet.models.errors import ModelLoadError
+from prophet.models.layers import CacheIndex
 from prophet.models.tokenizer import Tokenizer
 from prophet.types import last_positions
 
@@ -30,6 +31,7 @@ class NativeAdapter:
         self.family: str = c.family
         self.default_host: str = c.default_host
         self.shift: bool = c.shift_logits
+        self.query_lead: int = int(self.shift)  # a cached pass also runs the position before the first scored one
         self.name = name or c.family
         self.mask_id, self.pad_id, self.eos_id = c.mask_token_id, c.pad_token_id, c.eos_token_id
         self.eot_id: int | None = c.eot_token_id
@@ -42,7 +44,7 @@ class NativeAdapter:
             raise ModelLoadError(f"config.json: pad_token_id equals mask_token_id ({self.mask_id}); "
                                  "padding must be distinguishable from masks")
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: the decoder edits the logits in place
     def logits(self, ids: torch.Tensor, attention_mask: torch.Tensor, last: int | None = None) -> torch.Tensor:
         """ids (B, L), attention_mask (B, L) bool -> aligned (B, L, V) logits in the weights' dtype;
         `last`: the last `last` positions only (B, last, V), the LM head run on those alone."""
@@ -52,6 +54,43 @@ class NativeAdapter:
         if self.shift:
             out = out[:, :-1] if keep else shift_logits_right(out)
         return last_positions(out, last)
+
+    def setup_cache(self, slots: int, length: int) -> None:
+        """Allocate keys/values for `slots` rows of up to `length` positions (prompt + window)."""
+        self._raw().setup_cache(slots, length)
+
+    def drop_cache(self) -> None:
+        """Free the keys/values."""
+        self._raw().drop_cache()
+
+    @torch.no_grad()  # not inference_mode: the decoder edits the logits in place
+    def cached_logits(self, ids: torch.Tensor, attention_mask: torch.Tensor, slots: torch.Tensor,
+                      first: torch.Tensor, width: int, refresh: bool) -> torch.Tensor:
+        """Aligned logits (B, width, V) of columns first[b] .. first[b] + width - 1 of the left-padded batch.
+
+        refresh: every real position runs and its keys/values are stored in the row's slot. Else only
+        the scored columns run (one earlier for Dream's shift), their keys/values are written into
+        the slot, and they attend to the slot's cached keys/values for everything else. Columns past
+        the end of a row are padding (garbage logits).
+        """
+        B, L = ids.shape
+        lengths = attention_mask.sum(1)                                   # (B,) real positions
+        pad = (L - lengths)[:, None]                                      # (B, 1) left padding
+        cols = first[:, None] - self.query_lead + torch.arange(width + self.query_lead, device=ids.device)
+        if refresh:
+            qcols = torch.arange(L, device=ids.device).expand(B, -1)      # (B, L): the whole sequence
+            keep = cols[:, :width].clamp(max=L - 1)                       # (B, W) columns whose output scores
+        else:
+            qcols, keep = cols, torch.arange(width, device=ids.device).expand(B, -1)  # (B, W + lead)
+        real = (qcols < L) & attention_mask.gather(1, qcols.clamp(max=L - 1))
+        qids = torch.where(real, ids.gather(1, qcols.clamp(max=L - 1)), self.pad_id)
+        index = CacheIndex(slots, torch.where(real, qcols - pad, -1), lengths)
+        return self.module(qids, None, cache=index, keep=keep)            # (B, W, V)
+
+    def _raw(self) -> nn.Module:
+        """The native module, also when the pipeline has wrapped it in an inference engine."""
+        m = self.module
+        return m if hasattr(m, "setup_cache") else m.module
 
     def encode(self, text: str) -> list[int]:
         """Plain text -> ids (no specials added, no template)."""

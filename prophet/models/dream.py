@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from prophet.models.family import FamilyConfig, check_heads
-from prophet.models.layers import AttentionInputs, RMSNorm, attention_inputs, init_weights, self_attention, swiglu
+from prophet.models.layers import (AttentionInputs, CacheIndex, KVCache, RMSNorm, attention_inputs, drop_caches,
+                                   head_inputs, init_weights, self_attention, setup_caches, swiglu)
 
 
 @dataclass
@@ -66,10 +67,11 @@ class DreamAttention(nn.Module):
         self.k_proj = nn.Linear(c.hidden_size, self.n_kv_heads * head_dim, bias=True)
         self.v_proj = nn.Linear(c.hidden_size, self.n_kv_heads * head_dim, bias=True)
         self.o_proj = nn.Linear(self.n_heads * head_dim, c.hidden_size, bias=False)
+        self.kv_cache: KVCache | None = None  # set by DreamModel.setup_cache
 
     def forward(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
         return self_attention(x, self.q_proj, self.k_proj, self.v_proj, self.o_proj,
-                              self.n_heads, self.n_kv_heads, inputs)
+                              self.n_heads, self.n_kv_heads, inputs, self.kv_cache)
 
 
 class DreamMLP(nn.Module):
@@ -118,13 +120,32 @@ class DreamModel(nn.Module):
         init_weights(self, c.initializer_range)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                logits_to_keep: int = 0) -> torch.Tensor:
+                logits_to_keep: int = 0, cache: CacheIndex | None = None,
+                keep: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids (B, L) int64, attention_mask (B, L) (True/1 = real, None = no padding) -> (B, L, V);
-        logits_to_keep > 0: the LM head runs on the last that many positions only -> (B, keep, V)."""
-        head_dim = self.config.hidden_size // self.config.num_attention_heads
-        inputs = attention_inputs(input_ids, attention_mask, head_dim, self.config.rope_theta)
+        logits_to_keep > 0: the LM head runs on the last that many positions only -> (B, keep, V);
+        keep (B, K): on those query columns only -> (B, K, V). With `cache` the queries sit at
+        cache.positions and attend to their slots' cached keys/values (see setup_cache)."""
+        inputs = attention_inputs(input_ids, attention_mask, self.head_dim, self.config.rope_theta,
+                                  cache, self.cache_length)
         x = self.model.embed_tokens(input_ids)                  # (B, L, C)
         for layer in self.model.layers:
             x = layer(x, inputs)
-        x = x[:, -logits_to_keep:] if logits_to_keep else x
-        return self.lm_head(self.model.norm(x))                 # (B, L or keep, V)
+        return self.lm_head(self.model.norm(head_inputs(x, logits_to_keep, keep)))  # (B, L or K, V)
+
+    @property
+    def head_dim(self) -> int:
+        return self.config.hidden_size // self.config.num_attention_heads
+
+    def setup_cache(self, slots: int, length: int) -> None:
+        """Allocate every layer's keys/values for `slots` rows of up to `length` positions."""
+        self.cache_length = length
+        setup_caches([layer.self_attn for layer in self.model.layers], slots, length,
+                     self.config.num_key_value_heads, self.head_dim, self.model.embed_tokens.weight)
+
+    def drop_cache(self) -> None:
+        """Free the keys/values."""
+        self.cache_length = 0
+        drop_caches([layer.self_attn for layer in self.model.layers])
+
+    cache_length: int = 0

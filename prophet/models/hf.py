@@ -84,7 +84,7 @@ class HFMaskedLMAdapter:
         self.dtype: torch.dtype = next(model.parameters()).dtype
         self._offset = _position_offset(model)
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: the decoder edits the logits in place
     def logits(self, ids: torch.Tensor, attention_mask: torch.Tensor, last: int | None = None) -> torch.Tensor:
         """ids (B, L), attention_mask (B, L) bool -> (B, L, V) (or the last `last` positions);
         positions restart at each row's first token. Masked-LM heads offer no way to score only

@@ -29,11 +29,49 @@ class RMSNorm(nn.Module):
 
 @dataclass
 class AttentionInputs:
-    """Per-forward tensors every layer shares: rotary tables and the key-padding mask."""
+    """Per-forward tensors every layer shares: rotary tables, the key mask, and where keys go in the cache."""
 
-    cos: torch.Tensor             # (B, 1, L, D) float32
-    sin: torch.Tensor             # (B, 1, L, D) float32
-    key_mask: torch.Tensor | None  # (B, 1, 1, L) bool, True = attend; None = no padding
+    cos: torch.Tensor              # (B, 1, Q, D) float32
+    sin: torch.Tensor              # (B, 1, Q, D) float32
+    key_mask: torch.Tensor | None  # (B, 1, 1, K) bool, True = attend; None = attend to every key
+    slots: torch.Tensor | None = None   # (B,) cache slot of each row; None = no cache
+    write_at: torch.Tensor | None = None  # (B, Q) cache position of each query's key/value
+
+
+@dataclass
+class CacheIndex:
+    """Where a cached forward's queries sit: the positions are passed in, the keys/values live in the model.
+
+    Row b's sequence occupies cache slot `slots[b]` at positions 0 .. lengths[b]-1 (its own position
+    ids: no left padding inside the cache). The queries' keys/values are written at `positions`
+    and then every query attends to its slot's first `lengths[b]` keys, fresh and cached alike.
+    """
+
+    slots: torch.Tensor      # (B,) int64
+    positions: torch.Tensor  # (B, Q) int64 position of each query in its row; -1 = padding
+    lengths: torch.Tensor    # (B,) int64 real positions of each row (prompt + window)
+
+
+class KVCache(nn.Module):
+    """One layer's keys and values for `slots` rows of up to `length` positions, stored after RoPE.
+
+    Position `length` of every slot is scratch: padded queries write there and nobody reads it.
+    """
+
+    def __init__(self, slots: int, length: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        super().__init__()
+        shape = (slots, length + 1, n_kv_heads, head_dim)  # (S, L + 1, Hkv, D)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, slots: torch.Tensor, write_at: torch.Tensor, k: torch.Tensor,
+               v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write (B, Hkv, Q, D) keys/values at their positions; return each row's slot (B, Hkv, L + 1, D)."""
+        rows = slots[:, None].expand_as(write_at)  # (B, Q)
+        self.k.index_put_((rows, write_at), k.transpose(1, 2).to(self.k.dtype))
+        self.v.index_put_((rows, write_at), v.transpose(1, 2).to(self.v.dtype))
+        return self.k[slots].transpose(1, 2), self.v[slots].transpose(1, 2)
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -63,14 +101,22 @@ def rotary_tables(pos: torch.Tensor, head_dim: int, theta: float) -> tuple[torch
     return emb.cos(), emb.sin()
 
 
-def attention_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                     head_dim: int, theta: float) -> AttentionInputs:
-    """Rotary tables and key mask for one forward; attention_mask None means no padding.
+def attention_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, head_dim: int, theta: float,
+                     cache: CacheIndex | None = None, cache_length: int = 0) -> AttentionInputs:
+    """Rotary tables and key mask for one forward.
 
-    A batch without padding gets no mask at all (one host sync to find out): SDPA's flash kernel
-    takes no mask, so an all-True mask would force a slower kernel on GPU.
+    attention_mask None means no padding: no mask at all, so SDPA may pick its flash kernel on GPU.
+    Finding that out from the mask would cost a host sync, so the caller, who knows, says so.
+    With a cache, queries sit at `cache.positions` and keys are the slot's first `lengths` positions.
     """
-    if attention_mask is None or bool(attention_mask.all()):
+    if cache is not None:
+        pos = cache.positions
+        keys = torch.arange(cache_length + 1, device=pos.device)  # the slot's positions, scratch last
+        key_mask = (keys[None, :] < cache.lengths[:, None])[:, None, None, :]  # (B, 1, 1, L + 1)
+        write_at = torch.where(pos >= 0, pos, cache_length)
+        cos, sin = rotary_tables(pos.clamp(min=0), head_dim, theta)
+        return AttentionInputs(cos, sin, key_mask, cache.slots, write_at)
+    if attention_mask is None:
         pos = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         return AttentionInputs(*rotary_tables(pos, head_dim, theta), key_mask=None)
     cos, sin = rotary_tables(position_ids(attention_mask), head_dim, theta)
@@ -89,20 +135,49 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 def self_attention(x: torch.Tensor, q_proj: nn.Linear, k_proj: nn.Linear, v_proj: nn.Linear,
-                   o_proj: nn.Linear, n_heads: int, n_kv_heads: int, inputs: AttentionInputs) -> torch.Tensor:
-    """Bidirectional multi-head attention with grouped KV heads: (B, L, C) -> (B, L, C)."""
+                   o_proj: nn.Linear, n_heads: int, n_kv_heads: int, inputs: AttentionInputs,
+                   cache: KVCache | None = None) -> torch.Tensor:
+    """Bidirectional multi-head attention with grouped KV heads: (B, L, C) -> (B, L, C).
+
+    With a cache (and `inputs.slots` set) the queries' keys/values are written into it first, and
+    the queries attend to their slot's cached keys/values.
+    """
     B, L, _ = x.shape
     q = q_proj(x).view(B, L, n_heads, -1).transpose(1, 2)     # (B, H, L, D)
     k = k_proj(x).view(B, L, n_kv_heads, -1).transpose(1, 2)  # (B, Hkv, L, D)
     v = v_proj(x).view(B, L, n_kv_heads, -1).transpose(1, 2)  # (B, Hkv, L, D)
     q = apply_rotary(q, inputs.cos, inputs.sin)
     k = apply_rotary(k, inputs.cos, inputs.sin)
+    if inputs.slots is not None:
+        if cache is None:
+            raise RuntimeError("a cached forward needs setup_cache() first")
+        k, v = cache.update(inputs.slots, inputs.write_at, k, v)  # (B, Hkv, L + 1, D)
     # No causal mask: every position sees every real position. With grouped heads, KV head j
     # serves query heads j*rep .. (j+1)*rep-1 (the Llama/Qwen2 grouping), which SDPA's enable_gqa
     # does without materialising the repeated keys and values.
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=inputs.key_mask,
                                        enable_gqa=n_kv_heads != n_heads)  # (B, H, L, D)
     return o_proj(y.transpose(1, 2).reshape(B, L, -1))        # (B, L, H*D) -> (B, L, C)
+
+
+def setup_caches(layers: nn.ModuleList, slots: int, length: int, n_kv_heads: int, head_dim: int,
+                 like: torch.Tensor) -> None:
+    """Give every layer a KVCache (attribute `kv_cache`) for `slots` rows of `length` positions."""
+    for layer in layers:
+        layer.kv_cache = KVCache(slots, length, n_kv_heads, head_dim, like.dtype, like.device)
+
+
+def drop_caches(layers: nn.ModuleList) -> None:
+    """Free every layer's cache."""
+    for layer in layers:
+        layer.kv_cache = None
+
+
+def head_inputs(x: torch.Tensor, logits_to_keep: int, keep: torch.Tensor | None) -> torch.Tensor:
+    """Hidden states the LM head runs on: the last `logits_to_keep` positions, or the (B, K) columns `keep`."""
+    if keep is not None:
+        return x.gather(1, keep[..., None].expand(-1, -1, x.shape[-1]))  # (B, K, C)
+    return x[:, -logits_to_keep:] if logits_to_keep else x
 
 
 def swiglu(x: torch.Tensor, gate: nn.Linear, up: nn.Linear, down: nn.Linear) -> torch.Tensor:

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from prophet.models.family import FamilyConfig, check_heads
-from prophet.models.layers import AttentionInputs, RMSNorm, attention_inputs, init_weights, self_attention, swiglu
+from prophet.models.layers import (AttentionInputs, CacheIndex, KVCache, RMSNorm, attention_inputs, drop_caches,
+                                   head_inputs, init_weights, self_attention, setup_caches, swiglu)
 
 
 @dataclass
@@ -80,11 +81,12 @@ class LLaDABlock(nn.Module):
         self.ff_proj = nn.Linear(c.d_model, c.mlp_hidden_size, bias=False)
         self.up_proj = nn.Linear(c.d_model, c.mlp_hidden_size, bias=False)
         self.ff_out = nn.Linear(c.mlp_hidden_size, c.d_model, bias=False)
+        self.kv_cache: KVCache | None = None  # set by LLaDAModel.setup_cache
 
     def forward(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
         h = self.attn_norm(x)
         x = x + self_attention(h, self.q_proj, self.k_proj, self.v_proj, self.attn_out,
-                               self.n_heads, self.n_kv_heads, inputs)
+                               self.n_heads, self.n_kv_heads, inputs, self.kv_cache)
         return x + swiglu(self.ff_norm(x), self.ff_proj, self.up_proj, self.ff_out)
 
 
@@ -105,14 +107,33 @@ class LLaDAModel(nn.Module):
         init_weights(self, c.init_std)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                logits_to_keep: int = 0) -> torch.Tensor:
+                logits_to_keep: int = 0, cache: CacheIndex | None = None,
+                keep: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids (B, L) int64, attention_mask (B, L) (True/1 = real, None = no padding) -> (B, L, V);
-        logits_to_keep > 0: the LM head runs on the last that many positions only -> (B, keep, V)."""
+        logits_to_keep > 0: the LM head runs on the last that many positions only -> (B, keep, V);
+        keep (B, K): on those query columns only -> (B, K, V). With `cache` the queries sit at
+        cache.positions and attend to their slots' cached keys/values (see setup_cache)."""
         t = self.model["transformer"]
-        head_dim = self.config.d_model // self.config.n_heads
-        inputs = attention_inputs(input_ids, attention_mask, head_dim, self.config.rope_theta)
+        inputs = attention_inputs(input_ids, attention_mask, self.head_dim, self.config.rope_theta,
+                                  cache, self.cache_length)
         x = t["wte"](input_ids)                                 # (B, L, C)
         for block in t["blocks"]:
             x = block(x, inputs)
-        x = x[:, -logits_to_keep:] if logits_to_keep else x
-        return t["ff_out"](t["ln_f"](x))                        # (B, L or keep, V)
+        return t["ff_out"](t["ln_f"](head_inputs(x, logits_to_keep, keep)))  # (B, L or K, V)
+
+    @property
+    def head_dim(self) -> int:
+        return self.config.d_model // self.config.n_heads
+
+    def setup_cache(self, slots: int, length: int) -> None:
+        """Allocate every block's keys/values for `slots` rows of up to `length` positions."""
+        self.cache_length = length
+        setup_caches(self.model["transformer"]["blocks"], slots, length, int(self.config.n_kv_heads),
+                     self.head_dim, self.model["transformer"]["wte"].weight)
+
+    def drop_cache(self) -> None:
+        """Free the keys/values."""
+        self.cache_length = 0
+        drop_caches(self.model["transformer"]["blocks"])
+
+    cache_length: int = 0
