@@ -408,14 +408,65 @@ def test_import_does_not_pull_transformers_or_jinja():
     assert out.stdout.strip() == "[]"
 
 
-def test_unpadded_batch_takes_the_maskless_attention_path():
-    # no mask lets SDPA pick its flash kernel on GPU; a padded batch keeps its key mask
+def test_no_mask_means_no_padding_and_takes_the_maskless_attention_path():
+    # attention_mask None lets SDPA pick its flash kernel on GPU; the caller knows there is no
+    # padding without asking the device, so a given mask is always applied (no host sync)
     from prophet.models.layers import attention_inputs
 
     ids, _ = batch(["same", "size"])
     full = attention_inputs(ids, torch.ones_like(ids, dtype=torch.bool), 8, 10000.0)
     none = attention_inputs(ids, None, 8, 10000.0)
-    assert full.key_mask is None
+    assert none.key_mask is None and full.key_mask is not None
     assert torch.equal(full.cos, none.cos) and torch.equal(full.sin, none.sin)
-    ids, mask = batch(["longer", "s"])
-    assert attention_inputs(ids, mask, 8, 10000.0).key_mask is not None
+
+
+def adapter_for(family: str, seed: int = 0) -> NativeAdapter:
+    return NativeAdapter(tiny_module(family, seed).eval(), char_tokenizer())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_refresh_pass_scores_as_the_plain_forward(family):
+    model = adapter_for(family)
+    ids, mask = batch(["a longer prompt 12", "short 3", "mid 45"])
+    B, L = ids.shape
+    model.setup_cache(5, L + 4)
+    first = torch.tensor([L - 6, L - 9, L - 6])
+    got = model.cached_logits(ids, mask, torch.tensor([4, 0, 2]), first, 6, refresh=True)
+    full = model.logits(ids, mask)
+    want = torch.stack([full[b, first[b]:first[b] + 6] for b in range(B)])
+    assert torch.allclose(got, want, atol=1e-5)
+    model.drop_cache()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_cached_pass_over_unchanged_tokens_equals_the_plain_forward(family):
+    # keys/values cached at the refresh are exact while nothing changes, so scoring only the last
+    # positions against the cache must give the full forward's logits (Dream runs one more position)
+    model = adapter_for(family, seed=1)
+    ids, mask = batch(["first row text", "second", "x"])
+    B, L = ids.shape
+    slots = torch.tensor([1, 2, 0])
+    model.setup_cache(3, L)
+    first = torch.full((B,), L - 5)
+    model.cached_logits(ids, mask, slots, first, 5, refresh=True)
+    got = model.cached_logits(ids, mask, slots, first, 5, refresh=False)
+    assert torch.allclose(got, model.logits(ids, mask)[:, L - 5:], atol=1e-5)
+    # a changed token reaches the scored positions only through its cached key/value: stale until refreshed
+    changed = ids.clone()
+    changed[:, L - 7] = CHAR_TOKEN_IDS["mask_token_id"]
+    stale = model.cached_logits(changed, mask, slots, first, 5, refresh=False)
+    assert torch.allclose(stale, got, atol=1e-5)
+    fresh = model.cached_logits(changed, mask, slots, first, 5, refresh=True)
+    assert not torch.allclose(fresh, got, atol=1e-4)
+    assert torch.allclose(fresh, model.logits(changed, mask)[:, L - 5:], atol=1e-5)
+
+
+def test_cache_memory_is_the_slots_times_their_length():
+    module = tiny_module("llada")
+    module.setup_cache(3, 40)
+    blocks = module.model["transformer"]["blocks"]
+    # per layer keys and values of (slots, length + 1 scratch, kv heads, head dim)
+    assert all(b.kv_cache.k.shape == (3, 41, 2, 8) and b.kv_cache.v.shape == (3, 41, 2, 8) for b in blocks)
+    assert not any(k.endswith(("kv_cache.k", "kv_cache.v")) for k in module.state_dict())
+    module.drop_cache()
+    assert all(b.kv_cache is None for b in blocks)
