@@ -178,6 +178,7 @@ class GenerateActor:
         steps, early = res.steps_used.tolist(), res.committed_early.tolist()
         cstep, cgap = res.commit_step.tolist(), res.commit_gap.tolist()
         secs, bad = res.decode_seconds.tolist(), res.nonfinite.tolist()
+        ftok = res.forward_tokens.tolist()
         out = {}
         for j, i in enumerate(todo):
             if bad[j]:
@@ -186,7 +187,7 @@ class GenerateActor:
                 continue
             kept = tokens[j][:n_gen[j]]
             out[i] = {"completion": self.model.decode(kept), "completion_ids": kept, "generated_tokens": n_gen[j],
-                      "steps_used": steps[j], "committed_early": early[j],
+                      "steps_used": steps[j], "forward_tokens": ftok[j], "committed_early": early[j],
                       "commit_step": cstep[j] if cstep[j] >= 0 else None,
                       "commit_gap": cgap[j] if cstep[j] >= 0 else None,
                       "decode_s": secs[j], "finished_at": finished}

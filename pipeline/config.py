@@ -78,7 +78,11 @@ DECODE_DESCRIPTIONS: dict[str, str] = {
             "unset = the model family's own.",
     "gen_length": "Generated positions after the prompt.",
     "steps": "Step budget (forward passes) for the whole window; 'Full' decoding spends all of them.",
-    "block_length": "LLaDA block length (divides gen_length); unset = one block.",
+    "block_length": "Semi-autoregressive block length (divides gen_length), both hosts; unset = one block.",
+    "cache": "Block KV cache: 'none', 'prefix' (reuse keys/values before the block) or 'dual' (also "
+             "the positions after it, as of the block's first step); needs a native model.",
+    "cache_refresh_every": "With a cache, also recompute every position every k steps inside a block; "
+                           "unset = only at each block's first step.",
     "temperature": "0 = argmax; > 0 samples (float64 Gumbel-max for LLaDA).",
     "remasking": "LLaDA: which masked positions to commit each step.",
     "cfg_scale": "Classifier-free guidance scale; 0 = off.",
@@ -88,7 +92,7 @@ DECODE_DESCRIPTIONS: dict[str, str] = {
     "alg_temp": "Dream: > 0 samples the k positions instead of taking the top k.",
     "top_p": "Dream: nucleus sampling mass (with temperature > 0).",
     "top_k": "Dream: top-k sampling (with temperature > 0).",
-    "eps": "Dream: schedule floor, ts = linspace(1, eps, steps + 1).",
+    "eps": "Dream: schedule floor, ts = linspace(1, eps, S + 1) per block of S steps.",
     "rule": "Commit rule: 'full' (no early commit), 'prophet', 'gap_parallel' or 'confidence_threshold'.",
     "thresholds": "Prophet thresholds (high, mid, low) for the three thirds of the step budget, "
                   "non-increasing; or use `preset` or `calibration`.",

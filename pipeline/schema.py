@@ -22,6 +22,7 @@ OUTPUT_SCHEMA = pa.schema([
     pa.field("gen_length", pa.int32()),                  # generation window
     pa.field("steps_budget", pa.int32()),                # forward passes "Full" decoding would spend
     pa.field("steps_used", pa.int32()),                  # forward passes spent (deciding step counted)
+    pa.field("forward_tokens", pa.int64()),              # positions sent through the model over all passes
     pa.field("committed_early", pa.bool_()),
     pa.field("commit_step", pa.int32()),                 # 1-based step of the early commit; null if none
     pa.field("commit_gap", pa.float32()),                # pooled gap G at commit; null if none
