@@ -41,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 from prophet import DecodeConfig, DecodeResult, decode  # noqa: E402
 from prophet.scripted import ScriptedDLM  # noqa: E402
 from prophet.types import DLM, last_positions  # noqa: E402
+from benchmarks import cache as cache_section  # noqa: E402
 
 TINY_LLADA = ROOT / "checkpoints" / "tiny-llada"
 
@@ -227,7 +228,8 @@ def bench_forward(args: argparse.Namespace) -> dict:
 
 
 SECTIONS: dict[str, Callable[[argparse.Namespace], dict]] = {"batching": bench_batching, "pipeline": bench_pipeline,
-                                                             "forward": bench_forward}
+                                                             "forward": bench_forward,
+                                                             "cache": cache_section.bench_cache}
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -252,6 +254,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads (1: on a busy 2-core machine small ops with 2 threads wait "
                         "on each other)")
+    cache_section.add_arguments(p)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     default = [s for s in sorted(SECTIONS) if s != "forward" or torch.cuda.is_available()]

@@ -1,0 +1,1 @@
+"""Benchmarks, one module per section of jobs/bench.py."""
