@@ -8,7 +8,14 @@ Rules: Full, Half (half the steps), one-shot (a single step), Prophet with the d
 --calibration is given), a uniform schedule with the calibrated Prophet's mean steps rounded (the
 same compute, not adapted per row), gap_parallel and confidence_threshold. A table for people,
 then the last stdout line is JSON: {"results": [{"model", "task", "rule", "accuracy", "mean_steps",
-"budget", "speedup", "n"}, ...]}.
+"budget", "speedup", "n", "mean_forward_tokens"}, ...]}.
+
+    .venv/bin/python jobs/evaluate.py --cache --task sudoku4 --n 4000   # the KV-cache table
+
+--cache evaluates instead the block KV cache: blocks of `--cache-block` (8 on Sudoku's 24-position
+window, 3 blocks) at the task's steps, cache none / prefix / dual x Full / calibrated Prophet
+thresholds / confidence_threshold, with mean forward tokens and both ratios measured against Full
+without cache (its measured steps and forward tokens, not the budget).
 """
 from __future__ import annotations
 
@@ -27,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 from prophet.config import PRESETS, DecodeConfig  # noqa: E402
 from prophet.models import load_model  # noqa: E402
 from prophet.tasks import TASKS, Task, get_task  # noqa: E402
-from prophet.tasks.evaluation import half, run_task, task_config  # noqa: E402
+from prophet.tasks.evaluation import half, rule_label, run_task, task_config  # noqa: E402
 from prophet.types import TextDLM  # noqa: E402
 
 SHIPPED = ("checkpoints/tiny-llada", "checkpoints/tiny-dream")
@@ -54,6 +61,57 @@ def rule_configs(model: TextDLM, task: Task, calibration: Path | None) -> list[t
     out.append((None, replace(full, rule="gap_parallel", thresholds=PRESETS["default"])))
     out.append((None, replace(full, rule="confidence_threshold", confidence=0.9)))
     return out
+
+
+CACHES = ("none", "prefix", "dual")
+
+
+def cache_configs(model: TextDLM, task: Task, calibration: Path | None,
+                  block: int) -> list[tuple[str | None, DecodeConfig]]:
+    """Full, the calibrated Prophet thresholds and confidence_threshold, each with every cache mode, in blocks."""
+    full = replace(task_config(model, task), block_length=block)
+    rules: list[tuple[str, DecodeConfig]] = [("full", full)]
+    if calibration is not None:
+        # the fitted thresholds, given explicitly: they were calibrated without blocks or cache
+        fitted = DecodeConfig(gen_length=full.gen_length, steps=full.steps).with_calibration(calibration)
+        rules.append(("prophet calibrated", replace(full, rule="prophet", thresholds=fitted.thresholds,
+                                                    region=fitted.region, statistic=fitted.statistic,
+                                                    quantile=fitted.quantile)))
+    rules.append(("confidence_threshold", replace(full, rule="confidence_threshold", confidence=0.9)))
+    out: list[tuple[str | None, DecodeConfig]] = []
+    for name, cfg in rules:
+        for cache in CACHES:
+            c = replace(cfg, cache=cache)
+            label = rule_label(c, full.steps).split(" [")[0] + (" (calibrated)" if name == "prophet calibrated" else "")
+            out.append((f"{label} [{'no' if cache == 'none' else cache} cache, blocks of {block}]", c))
+    return out
+
+
+def evaluate_cache(model_dir: Path, task_names: Sequence[str], n: int, calibration: Path | None,
+                   block: int, seed: int = 0) -> list[dict]:
+    """The cache table: every cache mode x rule on n held-out prompts; ratios against Full without cache."""
+    model = load_model(model_dir)
+    cal = calibration or (model_dir / "calibration.json")
+    cal = cal if cal.is_file() else None
+    rows = []
+    for task_name in task_names:
+        task = get_task(task_name)
+        examples = task.examples("test", task.available("test", n), seed=seed)
+        base = run_task(model, task, examples, task_config(model, task), seed=seed)  # Full, no cache, no blocks
+        print(f"{model_dir.name:12s} {task.name:12s} {'full (no blocks, no cache): the reference':64s} "
+              f"{100 * base.accuracy:6.1f}% {base.mean_steps:6.2f} {base.mean_forward_tokens:8.1f}")
+        for label, cfg in cache_configs(model, task, cal, block):
+            out = run_task(model, task, examples, cfg, label=label, seed=seed)
+            row = out.row(model_dir.name, task.name) | {
+                "cache": cfg.cache, "block_length": block,
+                "accuracy_vs_full_points": round(100 * (out.accuracy - base.accuracy), 2),
+                "step_ratio_vs_full": round(base.mean_steps / out.mean_steps, 3),
+                "forward_token_ratio_vs_full": round(base.mean_forward_tokens / out.mean_forward_tokens, 3)}
+            print(f"{model_dir.name:12s} {task.name:12s} {out.rule:64s} {100 * out.accuracy:6.1f}% "
+                  f"{out.mean_steps:6.2f} {out.mean_forward_tokens:8.1f} {row['step_ratio_vs_full']:6.2f}x "
+                  f"{row['forward_token_ratio_vs_full']:6.2f}x", flush=True)
+            rows.append(row)
+    return rows
 
 
 def evaluate(model_dir: Path, task_names: Sequence[str], n: int, calibration: Path | None,
@@ -89,6 +147,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--n", type=int, default=1000, help="held-out test prompts per task")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    p.add_argument("--cache", action="store_true", help="evaluate the KV cache modes instead (see above)")
+    p.add_argument("--cache-block", type=int, default=8, help="--cache: block length")
     return p.parse_args(argv)
 
 
@@ -99,6 +159,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     models = [Path(m) for m in (args.model or [str(ROOT / s) for s in SHIPPED])]
     tasks = args.task or list(TASKS)
+    if args.cache:
+        print(f"{'model':12s} {'task':12s} {'rule':64s} {'acc':>7s} {'steps':>6s} {'fwd tok':>8s} "
+              f"{'steps/full':>7s} {'tok/full':>7s}")
+        results = [row for m in models
+                   for row in evaluate_cache(m, tasks, args.n, args.calibration, args.cache_block, args.seed)]
+        print(json.dumps({"results": results}))
+        return {"results": results}
     print(f"{'model':12s} {'task':12s} {'rule':48s} {'acc':>7s} {'steps':>6s} / budget speedup")
     results = [row for m in models for row in evaluate(m, tasks, args.n, args.calibration, args.seed)]
     summary = {"results": results}

@@ -22,6 +22,12 @@ class Outcome:
     n: int                     # prompts
     correct: tuple[bool, ...]  # per prompt, in input order
     steps: tuple[int, ...]     # per prompt forward passes
+    forward_tokens: tuple[int, ...] = ()  # per prompt positions sent through the model
+
+    @property
+    def mean_forward_tokens(self) -> float:
+        """Mean positions per prompt sent through the model (the cost a cache cuts)."""
+        return sum(self.forward_tokens) / max(1, len(self.forward_tokens))
 
     @property
     def speedup(self) -> float:
@@ -32,7 +38,8 @@ class Outcome:
         """The JSON row of jobs/evaluate.py."""
         return {"model": model, "task": task, "rule": self.rule, "accuracy": round(self.accuracy, 4),
                 "mean_steps": round(self.mean_steps, 4), "budget": self.budget,
-                "speedup": round(self.speedup, 4), "n": self.n}
+                "speedup": round(self.speedup, 4), "n": self.n,
+                "mean_forward_tokens": round(self.mean_forward_tokens, 2)}
 
 
 def task_config(model: TextDLM, task: Task, **overrides) -> DecodeConfig:
@@ -48,6 +55,11 @@ def task_config(model: TextDLM, task: Task, **overrides) -> DecodeConfig:
 def rule_label(config: DecodeConfig, full_steps: int) -> str:
     """Human and machine readable name of a decoding setting, e.g. 'prophet 8/5/3 window min'."""
     steps = "" if config.steps == full_steps else f" @{config.steps} steps"
+    cache = "" if config.cache == "none" else f" [{config.cache} cache, blocks of {config.block_length}]"
+    return _rule_name(config, full_steps, steps) + cache
+
+
+def _rule_name(config: DecodeConfig, full_steps: int, steps: str) -> str:
     if config.rule == "full":
         return {full_steps: "full", full_steps // 2: "half", 1: "one-shot"}.get(config.steps, f"full{steps}")
     if config.rule == "confidence_threshold":
@@ -76,7 +88,7 @@ def run_task(model: TextDLM, task: Task, examples: Sequence[Example], config: De
     steps = tuple(int(s) for s in res.steps_used.tolist())
     return Outcome(rule=label or rule_label(config, task.budget.steps), accuracy=sum(correct) / len(correct),
                    mean_steps=sum(steps) / len(steps), budget=task.budget.steps, n=len(correct),
-                   correct=correct, steps=steps)
+                   correct=correct, steps=steps, forward_tokens=tuple(res.forward_tokens.tolist()))
 
 
 def half(config: DecodeConfig) -> DecodeConfig:
