@@ -42,6 +42,7 @@ from prophet import DecodeConfig, DecodeResult, decode  # noqa: E402
 from prophet.scripted import ScriptedDLM  # noqa: E402
 from prophet.types import DLM, last_positions  # noqa: E402
 from benchmarks import cache as cache_section  # noqa: E402
+from benchmarks import gpu as gpu_section  # noqa: E402
 
 TINY_LLADA = ROOT / "checkpoints" / "tiny-llada"
 
@@ -229,7 +230,8 @@ def bench_forward(args: argparse.Namespace) -> dict:
 
 SECTIONS: dict[str, Callable[[argparse.Namespace], dict]] = {"batching": bench_batching, "pipeline": bench_pipeline,
                                                              "forward": bench_forward,
-                                                             "cache": cache_section.bench_cache}
+                                                             "cache": cache_section.bench_cache,
+                                                             "gpu": gpu_section.bench_gpu}
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -255,9 +257,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
                    help="torch intra-op threads (1: on a busy 2-core machine small ops with 2 threads wait "
                         "on each other)")
     cache_section.add_arguments(p)
+    gpu_section.add_arguments(p)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    default = [s for s in sorted(SECTIONS) if s != "forward" or torch.cuda.is_available()]
+    default = [s for s in sorted(SECTIONS) if s not in ("forward", "gpu") or torch.cuda.is_available()]
     results = {name: SECTIONS[name](args) for name in (args.section or default)}
     print(json.dumps(results))
     return results

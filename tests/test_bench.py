@@ -6,6 +6,7 @@ import math
 
 import pyarrow as pa
 import pytest
+import torch
 
 from pipeline.benchmark import steady_rate
 from tiny_support import load_job, one_thread  # noqa: F401 (one_thread is an autouse fixture)
@@ -87,3 +88,34 @@ def test_bench_forward_section_runs_the_tiny_model_on_cpu():
         assert r["seconds"] > 0 and r["mfu"] == pytest.approx(r["tflops"] / out["matmul_peak_tflops"])
     with pytest.raises(SystemExit, match="needs a GPU"):
         bench.main(["--section", "forward", "--device", "cpu"])
+
+
+def test_bench_cache_section_counts_the_positions_each_cache_runs():
+    bench = load_job("bench")
+    out = bench.main(["--section", "cache", "--repeats", "1", "--cache-prompt", "8", "--cache-window", "16",
+                      "--cache-block", "4", "--cache-slots", "2", "--cache-vocab", "64"])["cache"]
+    assert {(c["rule"], c["cache"]) for c in out["cases"]} == {(r, c) for r in ("full", "confidence_threshold",
+                                                                                 "prophet")
+                                                                for c in ("none", "prefix", "dual")}
+    # Full, one step per position, 4 blocks of 4: none runs 24 positions a step; prefix a refresh
+    # (24) then 3 steps of 16 - 4b positions; dual a refresh then 3 steps of the block's 4
+    assert out["prefix_token_ratio"] == (4 * 24 + 3 * (16 + 12 + 8 + 4)) / (16 * 24)
+    assert out["dual_token_ratio"] == (4 * 24 + 3 * 4 * 4) / (16 * 24)
+    assert 0 < out["dual_wall_ratio"] and 0 < out["prefix_wall_ratio"]
+
+
+def test_bench_gpu_section_runs_the_tiny_model_on_cpu():
+    bench = load_job("bench")
+    out = bench.main(["--section", "gpu", "--gpu-model", "tiny", "--gpu-prompt", "8", "--gpu-window", "16",
+                      "--gpu-block", "8", "--gpu-steps", "4", "--gpu-slots", "2", "--forward-shapes", "1x16",
+                      "--repeats", "1"])["gpu"]
+    assert len(out["decode"]) == 9 and all(r["forward_tokens"] > 0 for r in out["decode"])
+    by = {(r["cache"], r["rule"]): r for r in out["decode"]}
+    assert by["dual", "full"]["forward_tokens"] < by["prefix", "full"]["forward_tokens"] < \
+        by["none", "full"]["forward_tokens"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="refusal is for machines without a GPU")
+def test_bench_gpu_section_refuses_llada_8b_without_a_gpu():
+    with pytest.raises(SystemExit, match="GPU"):
+        load_job("bench").main(["--section", "gpu"])
