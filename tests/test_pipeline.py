@@ -367,6 +367,18 @@ def test_actor_rows_do_not_depend_on_batch_company_or_engine(tiny_model_dir, tas
     assert set(together.column("status").to_pylist()) == {"ok"}
 
 
+def test_a_cached_decode_runs_through_the_deepspeed_engine_and_reports_forward_tokens(tiny_model_dir, task_rows):
+    prompts = [r["prompt"] for r in task_rows[:5]]
+    cached = GenerateActor(_spec(tiny_model_dir, engine="deepspeed", block_length=8, cache="dual"))
+    plain = GenerateActor(_spec(tiny_model_dir, block_length=8))
+    got, want = cached(_batch(prompts)), plain(_batch(prompts))
+    assert set(got.column("status").to_pylist()) == {"ok"}
+    lengths = [len(plain.model.encode(p)) + 24 for p in prompts]
+    assert want.column("forward_tokens").to_pylist() == [s * n for s, n in zip(want.column("steps_used").to_pylist(),
+                                                                                lengths)]
+    assert all(c < w for c, w in zip(got.column("forward_tokens").to_pylist(), want.column("forward_tokens").to_pylist()))
+
+
 def test_actor_turns_bad_rows_and_nonfinite_logits_into_error_rows(tiny_model_dir, task_rows):
     actor = GenerateActor(_spec(tiny_model_dir))
     good = task_rows[0]["prompt"]
