@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from prophet import DecodeConfig, decode
 from prophet.models import CHAR_TOKEN_IDS, DreamConfig, DreamModel, LLaDAConfig, LLaDAModel, ModelLoadError, load_model
 
 transformers = pytest.importorskip("transformers")
@@ -126,6 +127,16 @@ def test_generic_adapter_left_padded_row_equals_row_unpadded(bert_dir):
     mask = ids != model.pad_id
     alone = model.logits(torch.tensor([row]), torch.ones(1, len(row), dtype=torch.bool))
     torch.testing.assert_close(model.logits(ids, mask)[0, 3:], alone[0], rtol=1e-5, atol=1e-5)
+
+
+def test_generic_adapter_decodes_a_batch_without_padding(bert_dir):
+    """Equal-length prompts: the decoder passes no attention mask; the adapter reads it as all real."""
+    model = load_model(bert_dir)
+    ids = torch.tensor([model.encode("hello world"), model.encode("a b")])
+    torch.testing.assert_close(model.logits(ids, None), model.logits(ids, torch.ones_like(ids, dtype=torch.bool)))
+    cfg = DecodeConfig(gen_length=4, steps=4, block_length=4, rule="full")
+    res = decode(model, [model.encode("hello world"), model.encode("a b")], cfg)
+    assert res.tokens.shape == (2, 4) and (res.tokens != model.mask_id).all()
 
 
 def test_generic_adapter_bf16(bert_dir):

@@ -45,8 +45,8 @@ class NativeAdapter:
                                  "padding must be distinguishable from masks")
 
     @torch.no_grad()  # not inference_mode: the decoder edits the logits in place
-    def logits(self, ids: torch.Tensor, attention_mask: torch.Tensor, last: int | None = None) -> torch.Tensor:
-        """ids (B, L), attention_mask (B, L) bool -> aligned (B, L, V) logits in the weights' dtype;
+    def logits(self, ids: torch.Tensor, attention_mask: torch.Tensor | None, last: int | None = None) -> torch.Tensor:
+        """ids (B, L), attention_mask (B, L) bool or None (no padding) -> aligned (B, L, V) logits in the weights' dtype;
         `last`: the last `last` positions only (B, last, V), the LM head run on those alone."""
         L = ids.shape[1]
         keep = 0 if last is None or last + self.shift >= L else last + self.shift  # Dream: one more, then shift

@@ -85,10 +85,12 @@ class HFMaskedLMAdapter:
         self._offset = _position_offset(model)
 
     @torch.no_grad()  # not inference_mode: the decoder edits the logits in place
-    def logits(self, ids: torch.Tensor, attention_mask: torch.Tensor, last: int | None = None) -> torch.Tensor:
-        """ids (B, L), attention_mask (B, L) bool -> (B, L, V) (or the last `last` positions);
+    def logits(self, ids: torch.Tensor, attention_mask: torch.Tensor | None, last: int | None = None) -> torch.Tensor:
+        """ids (B, L), attention_mask (B, L) bool or None (no padding) -> (B, L, V) (or the last `last` positions);
         positions restart at each row's first token. Masked-LM heads offer no way to score only
         the tail, so every position is scored and then sliced."""
+        if attention_mask is None:  # the decoder's "no padding in this batch"
+            attention_mask = torch.ones_like(ids, dtype=torch.bool)
         kw = {} if self._offset is None else {"position_ids": position_ids(attention_mask) + self._offset}
         out = self.module(input_ids=ids, attention_mask=attention_mask.long(), **kw).logits
         return last_positions(out, last)

@@ -69,14 +69,15 @@ class TracingModel:
     def __getattr__(self, name: str):
         return getattr(self.inner, name)
 
-    def logits(self, ids: torch.Tensor, attention_mask: torch.Tensor, last: int | None = None) -> torch.Tensor:
+    def logits(self, ids: torch.Tensor, attention_mask: torch.Tensor | None, last: int | None = None) -> torch.Tensor:
         """The inner model's logits, recorded on the way."""
         out = self.inner.logits(ids, attention_mask, last)
         G = self.gen_length
         lw = out[:, -G:].float()                                      # (B, G, V), as the decoder sees it
         gaps, top = top2_gap(lw).cpu(), lw.argmax(-1).cpu()           # (B, G) each
         canvas = ids[:, -G:].cpu()
-        for i, (row, real) in enumerate(zip(ids[:, :-G].cpu(), attention_mask[:, :-G].cpu())):
+        real_mask = torch.ones_like(ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        for i, (row, real) in enumerate(zip(ids[:, :-G].cpu(), real_mask[:, :-G].cpu())):
             key = tuple(row[real].tolist())
             self.steps.setdefault(key, []).append((canvas[i], gaps[i], top[i]))
         return out
