@@ -187,3 +187,55 @@ def _char_dir(tmp_path: Path) -> Path:
     out = tmp_path / "chartok"
     char_tokenizer().save(out)
     return out
+
+
+# ----------------------------------------------------------------------------- input.chat_template
+
+def _plan(tmp_path: Path, model: Path, **input_over):
+    from pipeline.config import validate_job_config
+    from pipeline.run import plan_job
+
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(json.dumps({"prompt": "def add(a, b):"}) + "\n")
+    tree = {"input": {"path": str(inp), **input_over}, "output": {"dir": str(tmp_path / "out")},
+            "model": {"dir": str(model)}, "decoding": {"gen_length": 8, "steps": 4, "block_length": 8}}
+    return plan_job(validate_job_config(tree))
+
+
+def test_chat_template_option_resolves_against_the_model(tmp_path):
+    from pipeline.config import JobConfigError
+
+    with_t = dream_dir(tmp_path / "t", template=CHATML)
+    without = dream_dir(tmp_path / "n")
+    auto = _plan(tmp_path, with_t)
+    assert auto.chat_template and not _plan(tmp_path, with_t, chat_template="never").chat_template
+    assert not _plan(tmp_path, without).chat_template  # auto: no template, text as is
+    assert auto.settings_hash != _plan(tmp_path, with_t, chat_template="never").settings_hash
+    with pytest.raises(JobConfigError, match="input.chat_template: 'always'"):
+        _plan(tmp_path, without, chat_template="always")
+    with pytest.raises(JobConfigError, match="input.chat_template"):
+        _plan(tmp_path, with_t, chat_template="never", messages_column="messages")
+    tok = Tokenizer.from_dir(with_t)
+    assert auto.token_ids == {"mask": tok.token_to_id("<|mask|>"), "pad": tok.token_to_id("<|endoftext|>"),
+                              "eos": tok.token_to_id("<|endoftext|>"), "eot": tok.token_to_id("<|im_end|>")}
+
+
+def test_actor_renders_plain_prompts_as_one_user_message(tmp_path):
+    import pyarrow as pa
+
+    from pipeline import io as pio
+    from pipeline.actor import ActorSpec, GenerateActor
+    from prophet.config import DecodeConfig
+
+    path = dream_dir(tmp_path, template=CHATML)
+    decode = DecodeConfig(gen_length=8, steps=4, block_length=8).to_dict()
+    out = {}
+    for use in (True, False):
+        spec = ActorSpec(model_dir=str(path), dtype="fp32", engine="torch", device="cpu", decode=decode, seed=0,
+                         settings_hash="h", prompt_column="prompt", chat_template=use, drop_columns=(pio.ROW_KEY,))
+        batch = pa.table({"prompt": ["def add(a, b):"], "id": ["r0"], pio.ROW_KEY: ["r0"]})
+        out[use] = GenerateActor(spec)(batch)
+    assert out[True].column("prompt").to_pylist() == \
+        ["<|im_start|>user\ndef add(a, b):<|im_end|>\n<|im_start|>assistant\n"]
+    assert out[False].column("prompt").to_pylist() == ["def add(a, b):"]
+    assert set(out[True].column("status").to_pylist()) == {"ok"}

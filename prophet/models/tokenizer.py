@@ -102,6 +102,20 @@ class Tokenizer:
         return {f"{n}_token": t for n in names if (t := self.special_token(n)) is not None}
 
 
+def has_chat_template(path: str | Path) -> bool:
+    """Whether a model directory ships a chat template (chat_template.jinja, or tokenizer_config.json's
+    "chat_template"), read from the files alone: any family, no tokenizer built."""
+    path = Path(path)
+    if (path / CHAT_TEMPLATE_FILE).is_file():
+        return True
+    config_file = path / TOKENIZER_CONFIG_FILE
+    try:
+        config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{config_file} is not valid JSON ({e})") from None
+    return bool(_config_template(config))
+
+
 def byte_level_bpe(vocab_file: Path, merges_file: Path, config: dict) -> tokenizers.Tokenizer:
     """The Qwen2 byte-level BPE tokenizer from its slow files, as transformers' Qwen2Tokenizer builds it:
     NFC, Qwen2's split pattern then byte-level mapping, byte-level decoding, and tokenizer_config.json's
