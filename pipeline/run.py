@@ -53,6 +53,8 @@ class Plan:
     settings_hash: str
     fingerprint: str | None       # of the input files (None where not local)
     input_schema: Any = None      # pa.Schema: union of the Parquet inputs' schemas (None for other formats)
+    chat_template: bool = False   # plain prompts go through the model's chat template (input.chat_template)
+    token_ids: dict = field(default_factory=dict)  # mask/pad/eos/eot ids decoding uses (config.json's)
 
 
 @dataclass
@@ -102,13 +104,48 @@ def plan_job(cfg: JobConfig) -> Plan:
     if "://" not in cfg.input.path:
         pio.check_unique_ids(cfg.input, fmt)
     host, anchor_ids = _model_facts(cfg)
+    template = _uses_template(cfg)
     decode = cfg.decode_config(host, anchor_ids).to_dict()
     settings = {"decode": {k: v for k, v in decode.items() if k not in NOT_IN_SETTINGS},
                 "model": Path(cfg.model.dir).resolve().name, "model_files": _model_fingerprint(cfg.model.dir),
                 "dtype": cfg.dtype, "seed": cfg.execution.seed,
                 "prompt": cfg.input.messages_column and f"messages:{cfg.input.messages_column}"
-                or f"prompt:{cfg.input.prompt_column}"}
-    return Plan(cfg, fmt, decode, settings, settings_hash(settings), _input_fingerprint(cfg.input.path), schema)
+                or f"prompt:{cfg.input.prompt_column}" + (" chat_template" if template else "")}
+    return Plan(cfg, fmt, decode, settings, settings_hash(settings), _input_fingerprint(cfg.input.path), schema,
+                template, _token_ids(cfg.model.dir))
+
+
+def _uses_template(cfg: JobConfig) -> bool:
+    """Whether plain prompts are rendered through the chat template: input.chat_template resolved
+    against the model directory ('auto': where it ships one)."""
+    from prophet.models import ModelLoadError
+    from prophet.models.tokenizer import has_chat_template
+
+    mode = cfg.input.chat_template
+    if cfg.input.messages_column or mode == "never":
+        return False
+    try:
+        found = has_chat_template(cfg.model.dir)
+    except ModelLoadError as e:
+        raise JobConfigError(f"model.dir: {e}") from None
+    if mode == "always" and not found:
+        raise JobConfigError(f"input.chat_template: 'always', but {cfg.model.dir} has no chat template "
+                             "(tokenizer_config.json 'chat_template' or chat_template.jinja); use 'never'")
+    return found
+
+
+def _token_ids(model_dir: str) -> dict:
+    """The special ids decoding uses, from config.json (a native family's, never the tokenizer's pad,
+    which may differ: DiffuCoder pads with 151667 in its tokenizer and 151643 in config.json).
+    Empty for transformers masked LMs, whose ids come from their tokenizer inside the actor."""
+    from prophet.models.loading import native_family, read_config
+
+    raw = read_config(Path(model_dir))
+    family = native_family(raw)
+    if family is None:
+        return {}
+    c = family[0].from_dict(raw)
+    return {"mask": c.mask_token_id, "pad": c.pad_token_id, "eos": c.eos_token_id, "eot": c.eot_token_id}
 
 
 def _check_paths(cfg: JobConfig) -> None:
@@ -289,7 +326,7 @@ def actor_spec(plan: Plan, res: Resources) -> ActorSpec:
                      dtype=cfg.dtype, engine=cfg.model.engine, device="cuda" if res.gpus > 0 else "cpu",
                      decode=plan.decode, seed=cfg.execution.seed, settings_hash=plan.settings_hash,
                      prompt_column=cfg.input.prompt_column, messages_column=cfg.input.messages_column,
-                     id_column=cfg.input.id_column, threads=res.threads, allow_pickle=cfg.model.allow_pickle,
+                     chat_template=plan.chat_template, id_column=cfg.input.id_column, threads=res.threads, allow_pickle=cfg.model.allow_pickle,
                      trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision,
                      drop_columns=(pio.ROW_KEY,))
 
@@ -460,7 +497,7 @@ def _manifest(plan: Plan, old: dict | None, run_id: str, t0: float, cluster: dic
         "decode": plan.decode,
         "input": {"path": str(cfg.input.path), "format": plan.fmt, "fingerprint": plan.fingerprint},
         "model": {"dir": cfg.model.dir, "name": plan.settings["model"], "dtype": cfg.dtype,
-                  "engine": cfg.model.engine},
+                  "engine": cfg.model.engine, "token_ids": plan.token_ids, "chat_template": plan.chat_template},
         "resources": asdict(res),
         "versions": versions(),
         "host": host_info(cluster),
