@@ -169,3 +169,36 @@ def test_loglikelihood_requests_and_rolling_refusal():
     assert ll_right > ll_wrong and greedy_right and not greedy_wrong
     with pytest.raises(NotImplementedError, match="loglikelihood_rolling"):
         lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (ex.prompt,), 0)])
+
+
+MC_YAML = """\
+task: prophet_sudoku4_choice
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{prompt}}}}"
+doc_to_choice: "{{{{[answer, wrong]}}}}"
+doc_to_target: 0
+target_delimiter: ""
+metric_list:
+  - metric: acc
+"""
+
+
+def test_multiple_choice_task_through_lm_eval_uses_the_mc_loglikelihood(tmp_path):
+    # lm-eval's own loglikelihood requests: the right grid against one with every cell changed
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    exs = get_task("sudoku4").examples("test", 8, seed=0)
+    data = tmp_path / "choice.jsonl"
+    data.write_text("".join(json.dumps({"prompt": e.prompt, "answer": e.answer,
+                                        "wrong": "".join("1" if c != "1" else "2" for c in e.answer)}) + "\n"
+                            for e in exs))
+    (tmp_path / "choice.yaml").write_text(MC_YAML.format(data=json.dumps(str(data))))
+    lm = ProphetLM(model=str(LLADA), mc_num=4, mc_batch=4)
+    res = simple_evaluate(model=lm, tasks=["prophet_sudoku4_choice"], task_manager=TaskManager(include_path=str(tmp_path)))
+    assert res["results"]["prophet_sudoku4_choice"]["acc,none"] == 1.0
