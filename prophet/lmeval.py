@@ -153,7 +153,7 @@ class ProphetLM(LM):
 
     def __init__(self, model: str | TextDLM, device: str = "cpu", dtype: str = "float32",
                  calibration: str | None = None, seed: int = 0, mc_num: int = 128, mc_batch: int = 32,
-                 check_greedy: bool = False, max_batch_size: int | None = None, **decode_args: Any) -> None:
+                 check_greedy: bool = False, **decode_args: Any) -> None:
         super().__init__()
         if isinstance(model, (str, Path)):
             if dtype not in DTYPES:

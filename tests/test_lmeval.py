@@ -33,7 +33,16 @@ def offline(monkeypatch):
 def task_dir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("lmeval-tasks")
     assert write_task_dir(d, ["sudoku4"], N, seed=0) == ["prophet_sudoku4"]
+    write_choice_task(d)
     return d
+
+
+@pytest.fixture(scope="module")
+def task_manager(task_dir):
+    """One TaskManager for the module: building one indexes all of lm-eval's own tasks (seconds)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=str(task_dir))
 
 
 def reference(model_dir: Path, **overrides):
@@ -70,13 +79,12 @@ def test_cli_run_matches_evaluate_and_logs_steps_per_sample(task_dir, tmp_path, 
     assert [bool(r["exact_match"]) for r in rows] == list(ref.correct)
 
 
-def test_simple_evaluate_with_an_instance_matches_evaluate(task_dir):
+def test_simple_evaluate_with_an_instance_matches_evaluate(task_manager):
     # two steps: accuracy strictly between one-shot and Full, so equality is not 1.0 == 1.0 by luck
     from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
 
     lm = ProphetLM(model=str(LLADA), gen_length=24, steps=2, confidence_eos_eot_inf=True, batch_size=8)
-    res = simple_evaluate(model=lm, tasks=["prophet_sudoku4"], task_manager=TaskManager(include_path=str(task_dir)))
+    res = simple_evaluate(model=lm, tasks=["prophet_sudoku4"], task_manager=task_manager)
     ref = reference(LLADA, steps=2)
     assert res["results"]["prophet_sudoku4"]["exact_match,none"] == pytest.approx(ref.accuracy)
     assert lm.summary()["prophet_sudoku4"]["mean_steps"] == pytest.approx(ref.mean_steps)
@@ -188,17 +196,20 @@ metric_list:
 """
 
 
-def test_multiple_choice_task_through_lm_eval_uses_the_mc_loglikelihood(tmp_path):
-    # lm-eval's own loglikelihood requests: the right grid against one with every cell changed
-    from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
-
+def write_choice_task(directory: Path) -> None:
+    """A multiple-choice task: each held-out puzzle's grid against one with every cell changed."""
     exs = get_task("sudoku4").examples("test", 8, seed=0)
-    data = tmp_path / "choice.jsonl"
+    data = directory / "choice.jsonl"
     data.write_text("".join(json.dumps({"prompt": e.prompt, "answer": e.answer,
                                         "wrong": "".join("1" if c != "1" else "2" for c in e.answer)}) + "\n"
                             for e in exs))
-    (tmp_path / "choice.yaml").write_text(MC_YAML.format(data=json.dumps(str(data))))
+    (directory / "prophet_sudoku4_choice.yaml").write_text(MC_YAML.format(data=json.dumps(str(data))))
+
+
+def test_multiple_choice_task_through_lm_eval_uses_the_mc_loglikelihood(task_manager):
+    # lm-eval's own loglikelihood requests (context, continuation) through the MC estimate
+    from lm_eval import simple_evaluate
+
     lm = ProphetLM(model=str(LLADA), mc_num=4, mc_batch=4)
-    res = simple_evaluate(model=lm, tasks=["prophet_sudoku4_choice"], task_manager=TaskManager(include_path=str(tmp_path)))
+    res = simple_evaluate(model=lm, tasks=["prophet_sudoku4_choice"], task_manager=task_manager)
     assert res["results"]["prophet_sudoku4_choice"]["acc,none"] == 1.0
