@@ -43,6 +43,7 @@ from prophet.scripted import ScriptedDLM  # noqa: E402
 from prophet.types import DLM, last_positions  # noqa: E402
 from benchmarks import cache as cache_section  # noqa: E402
 from benchmarks import gpu as gpu_section  # noqa: E402
+from benchmarks import memory as memory_section  # noqa: E402
 
 TINY_LLADA = ROOT / "checkpoints" / "tiny-llada"
 
@@ -231,7 +232,8 @@ def bench_forward(args: argparse.Namespace) -> dict:
 SECTIONS: dict[str, Callable[[argparse.Namespace], dict]] = {"batching": bench_batching, "pipeline": bench_pipeline,
                                                              "forward": bench_forward,
                                                              "cache": cache_section.bench_cache,
-                                                             "gpu": gpu_section.bench_gpu}
+                                                             "gpu": gpu_section.bench_gpu,
+                                                             "memory": memory_section.bench_memory}
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -258,6 +260,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                         "on each other)")
     cache_section.add_arguments(p)
     gpu_section.add_arguments(p)
+    memory_section.add_arguments(p)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     default = [s for s in sorted(SECTIONS) if s not in ("forward", "gpu") or torch.cuda.is_available()]

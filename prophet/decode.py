@@ -41,9 +41,9 @@ from typing import Iterator, Sequence
 import torch
 
 from prophet.config import ConfigError, DecodeConfig
-from prophet.rules import (Noise, budget_floor, cfg_mix, compact, count_generated, draw_noise, dream_confidence,
-                           dream_probs, gumbel_argmax, gumbel_perturb, pool_gaps, prophet_decision, rank_desc,
-                           sample_from_probs, select_positions, softmax_of, top2_gap)
+from prophet.noise import POSITION_STREAM, TOKEN_STREAM, counter_key, position_uniforms, seed_words, token_uniforms
+from prophet.rules import (Proposal, budget_floor, cfg_mix, compact, count_generated, gumbel_perturb, pool_gaps,
+                           prophet_decision, propose, random_positions, rank_desc, select_positions)
 from prophet.schedules import dream_schedule, dream_transfer_fraction, llada_schedule, prophet_tau
 from prophet.types import DLM, CachedDLM, DecodeResult
 
@@ -85,11 +85,6 @@ def resolve_seeds(n: int, generator: torch.Generator | None, seeds: Sequence[int
     if generator is not None:
         return torch.randint(0, 2**62, (n,), generator=generator, device=generator.device).tolist()
     return list(range(n))
-
-
-def row_generator(seed: int, device: torch.device) -> torch.Generator:
-    """The generator every random draw of one row comes from."""
-    return torch.Generator(device=device).manual_seed(seed)
 
 
 def initial_window(config: DecodeConfig, mask_id: int, device: torch.device) -> torch.Tensor:
@@ -198,6 +193,7 @@ class _Plan:
                 "cgap": torch.full((n,), float("nan"), device=dev),
                 "bad": torch.zeros(n, dtype=torch.bool, device=dev),
                 "ftok": zeros.clone(),             # positions sent through the model
+                "seed": torch.zeros(n, 2, dtype=torch.long, device=dev),  # the row's seed words (prophet.noise)
                 # the latest top-2 gap and argmax of each window position (SPEC 6: under a dual
                 # cache, positions outside the block keep those of the last refresh)
                 "wgap": torch.full((n, G), float("nan"), device=dev),
@@ -209,7 +205,7 @@ class _Slot:
     """Host bookkeeping of one row in the pass."""
 
     row: int                    # index in the input
-    gen: torch.Generator
+    seed: int                   # every random draw of the row derives from it (prophet.noise)
     prompt: torch.Tensor        # (P_i,) on the model's device
     n_cand: int                 # candidates at the next step (0 once finished)
     n_masked: int               # masked window positions at the next step
@@ -255,39 +251,51 @@ class _Batch:
             real[i, width - s.prompt.numel():] = True
         self.prompt_ids, self.prompt_real = ids, real
         fresh = self.plan.fresh_state(len(slots))
+        fresh["seed"] = seed_words([s.seed for s in slots], self.device)
         self.t = {k: torch.cat([v, fresh[k]]) for k, v in self.t.items()}
         for s in slots:
             s.cache_slot = self.free.pop(0) if self.free else -1
         self.slots += slots
 
-    def noise(self, width: int, vocab: int) -> Noise:
-        """(B, width[, V]) uniforms: row i's own draws in its first n_cand slots, 0.5 elsewhere."""
-        cfg, B = self.plan.cfg, len(self.slots)
-        token = position = None
-        for i, s in enumerate(self.slots):
-            if s.n_cand == 0:
-                continue
-            d = draw_noise(s.gen, s.n_cand, vocab, cfg, self.device)
-            if d.token is not None:
-                if token is None:
-                    token = torch.full((B, width, vocab), 0.5, dtype=torch.float64, device=self.device)
-                token[i, :s.n_cand] = d.token
-            if d.position is not None:
-                if position is None:
-                    position = torch.full((B, width), 0.5, device=self.device)
-                position[i, :s.n_cand] = d.position
-        return Noise(token, position)
+
+# Working memory: the rules read the vocabulary a chunk of positions at a time, in float32, so the
+# step's peak stays near the model's own logits (BENCHMARKS.md, memory). Up to BYTES_PER_ENTRY
+# bytes of temporaries per (position, token) (a float32 copy, uniforms, a sort for top-p), within
+# half the logits' own size, and never fewer positions than MIN_CHUNK_ENTRIES allows.
+BYTES_PER_ENTRY, MIN_CHUNK_ENTRIES = 48, 1 << 20
 
 
 @dataclass
 class _Span:
     """Which window positions a step scores, per row: logits column c is window position off + c;
-    the row's own scored positions are lo .. lo + width - 1."""
+    the row's own scored positions are lo .. lo + width - 1.
 
-    logits: torch.Tensor  # (B, W, V)
+    `logits` are the model's, in its dtype: (B, W, V), or (2B, W, V) with CFG (conditional rows
+    first). `rows` gives float32 logits as the step uses them (CFG-mixed, EOS banned) for a few
+    positions at a time; nothing makes a float32 copy of the whole span.
+    """
+
+    logits: torch.Tensor  # (B or 2B, W, V)
     off: torch.Tensor     # (B,)
     lo: torch.Tensor      # (B,)
     width: torch.Tensor   # (B,)
+    cfg_scale: float = 0.0
+    ban: int | None = None  # token whose logit is -inf (logits_eos_inf)
+
+    def rows(self, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """(n,) rows and columns -> (n, V) float32 logits as the step uses them."""
+        x = self.logits[b, c].float()
+        if self.cfg_scale > 0:
+            x = cfg_mix(x, self.logits[b + self.off.numel(), c].float(), self.cfg_scale)
+        if self.ban is not None:
+            x[:, self.ban] = float("-inf")
+        return x
+
+    def chunk(self) -> int:
+        """Positions per chunk of `rows`."""
+        V = self.logits.shape[-1]
+        budget = self.logits.numel() * self.logits.element_size() // 2
+        return max(1, MIN_CHUNK_ENTRIES // V, budget // (BYTES_PER_ENTRY * V))
 
     def scored(self) -> torch.Tensor:
         """(B, W) bool: column c holds one of the row's scored positions."""
@@ -344,22 +352,24 @@ def _span_logits(model: DLM, batch: _Batch, spans: list[tuple[int, int, bool]]) 
                 out = part.new_zeros(ids.shape[0], W, part.shape[-1])
             out[ix, :w] = part
         off = lo
-    out = out.float()
-    if cfg_on:
-        out = cfg_mix(out[:B], out[B:], cfg.cfg_scale)
-    return _Span(out, off, lo, width)
+    return _Span(out, off, lo, width, cfg.cfg_scale, model.eos_id if cfg.logits_eos_inf else None)
 
 
 def _summarise(t: dict[str, torch.Tensor], span: _Span) -> None:
     """Store the top-2 gap and argmax of every scored position in the row's window view."""
-    ls = span.logits
-    B, W, _ = ls.shape
+    B, W = t["wgap"].shape[0], span.logits.shape[1]
     G = t["wgap"].shape[1]
-    top = ls.topk(2, dim=-1).values  # (B, W, 2)
-    pos = span.off[:, None] + torch.arange(W, device=ls.device)
+    flat = torch.arange(B * W, device=span.off.device)
+    gaps, args = torch.empty(B * W, device=flat.device), torch.empty(B * W, dtype=torch.long, device=flat.device)
+    for c0 in range(0, B * W, span.chunk()):
+        f = flat[c0:c0 + span.chunk()]
+        x = span.rows(f // W, f % W)
+        top = x.topk(2, dim=-1).values
+        gaps[f], args[f] = top[:, 0] - top[:, 1], x.argmax(-1)
+    pos = span.off[:, None] + torch.arange(W, device=flat.device)
     pos = torch.where(span.scored(), pos, G)  # unscored columns land in a scratch column
-    gap = torch.cat([t["wgap"], t["wgap"][:, :1]], 1).scatter_(1, pos, (top[..., 0] - top[..., 1]).float())
-    arg = torch.cat([t["warg"], t["warg"][:, :1]], 1).scatter_(1, pos, ls.argmax(-1))
+    gap = torch.cat([t["wgap"], t["wgap"][:, :1]], 1).scatter_(1, pos, gaps.view(B, W))
+    arg = torch.cat([t["warg"], t["warg"][:, :1]], 1).scatter_(1, pos, args.view(B, W))
     t["wgap"], t["warg"] = gap[:, :G], arg[:, :G]
 
 
@@ -377,44 +387,53 @@ def _prophet_gaps(batch: _Batch, idx: torch.Tensor, valid: torch.Tensor,
     return wgap.gather(1, midx), mvalid
 
 
-def _propose(plan: _Plan, t: dict[str, torch.Tensor], lc: torch.Tensor, valid: torch.Tensor, noise: Noise,
-             tau: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Host proposal and commit rule on the candidates: (B, C, V) logits -> tokens x0 and selection (B, C)."""
+def _proposals(span: _Span, t: dict[str, torch.Tensor], idx: torch.Tensor, cfg: DecodeConfig) -> Proposal:
+    """The host's proposal at every candidate (B, C), a chunk of positions at a time; token draws
+    from the row's seed, its forward pass and the window position (prophet.noise)."""
+    B, C = idx.shape
+    col = span.columns(idx)
+    b = torch.arange(B, device=idx.device)[:, None].expand(B, C).reshape(-1)
+    col = col.reshape(-1)
+    keys = counter_key(t["seed"], t["used"], idx, TOKEN_STREAM).reshape(-1) if cfg.temperature > 0 else None
+    parts = []
+    for c0 in range(0, B * C, span.chunk()):
+        sl = slice(c0, c0 + span.chunk())
+        x = span.rows(b[sl], col[sl])
+        parts.append(propose(x, cfg, None if keys is None else token_uniforms(keys[sl], x.shape[-1])))
+    return Proposal(*(None if f[0] is None else torch.cat(f).view(B, C) for f in zip(*parts)))
+
+
+def _propose(plan: _Plan, t: dict[str, torch.Tensor], prop: Proposal, valid: torch.Tensor,
+             position_u: torch.Tensor | None, tau: torch.Tensor) -> torch.Tensor:
+    """The host's schedule and the commit rule on the candidates' proposals -> selection (B, C)."""
     cfg = plan.cfg
     n = valid.sum(-1)  # (B,) candidates left
     sstep = t["sstep"].clamp(max=plan.S - 1)  # finished (frozen) rows may sit past the budget
+    x0, prob = prop.x0, prop.prob
     reveal = None
     if cfg.host == "llada":
-        x0 = lc.argmax(-1) if cfg.temperature == 0 else gumbel_argmax(lc, noise.token, cfg.temperature)
-        prob = softmax_of(lc, x0)
-        key = prob if cfg.remasking == "low_confidence" else noise.position
+        key = prob if cfg.remasking == "low_confidence" else position_u
         n0 = plan.block_n0[t["block"].clamp(max=plan.nb - 1)]
         k = llada_schedule(n0, plan.S).gather(1, sstep[:, None])[:, 0]
+    elif cfg.alg == "origin":
+        key, k = -position_u, torch.zeros_like(n)
+        reveal = position_u < dream_transfer_fraction(sstep, plan.S, cfg.eps)[:, None]
     else:
-        probs = dream_probs(lc, cfg.temperature, cfg.top_p, cfg.top_k)
-        x0 = probs.argmax(-1) if cfg.temperature == 0 else sample_from_probs(probs, noise.token)
-        prob = probs.gather(-1, x0[..., None])[..., 0]
-        if cfg.alg == "origin":
-            key, k = -noise.position, torch.zeros_like(n)
-            reveal = noise.position < dream_transfer_fraction(sstep, plan.S, cfg.eps)[:, None]
-        else:
-            key = dream_confidence(probs, x0, cfg.alg)
-            if cfg.alg_temp > 0:
-                key = gumbel_perturb(key, noise.position, cfg.alg_temp)
-            k = dream_schedule(n, sstep, plan.S, cfg.eps)
+        key = prop.score if cfg.alg_temp <= 0 else gumbel_perturb(prop.score, position_u, cfg.alg_temp)
+        k = dream_schedule(n, sstep, plan.S, cfg.eps)
     demoted = torch.zeros_like(valid)
     if cfg.confidence_eos_eot_inf:
         demoted = torch.isin(x0, torch.tensor(plan.stops, device=x0.device))
     floor = budget_floor(n, plan.S - sstep)
     if cfg.rule == "gap_parallel":
         k = torch.maximum(k, floor)
-        passing = (top2_gap(lc).double() >= tau[:, None]) & ~demoted
+        passing = (prop.gap.double() >= tau[:, None]) & ~demoted
         reveal = passing if reveal is None else reveal | passing
     elif cfg.rule == "confidence_threshold":
         k = floor.clamp(min=1)
         reveal = (prob.double() > cfg.confidence) & ~demoted  # float64: the threshold as written
     tier = torch.where(valid, 2 - demoted.long(), 0)
-    return x0, select_positions(rank_desc(key, tier), valid, k, reveal)
+    return select_positions(rank_desc(key, tier), valid, k, reveal)
 
 
 def _step(model: DLM, batch: _Batch) -> list[list[int]]:
@@ -427,20 +446,18 @@ def _step(model: DLM, batch: _Batch) -> list[list[int]]:
     cfg = plan.cfg
     spans = [step_span(cfg, min(s.block, plan.nb - 1), s.sstep) for s in batch.slots]
     span = _span_logits(model, batch, spans)
-    lw = span.logits  # (B, W, V)
-    V = lw.shape[-1]
-    finite = torch.isfinite(lw.amax(-1)) & torch.isfinite(lw.amin(-1))  # (B, W), no (B, W, V) temporary
+    raw = span.logits  # (B or 2B, W, V), the model's dtype
+    B = t["live"].shape[0]
+    finite = torch.isfinite(raw.amax(-1)) & torch.isfinite(raw.amin(-1))  # (B or 2B, W), no (B, W, V) temporary
+    finite = finite.view(-1, B, finite.shape[1]).all(0)
     bad = t["live"] & ~(finite | ~span.scored()).all(1)
-    lw.masked_fill_(bad[:, None, None], 0.0)
-    if cfg.logits_eos_inf:
-        lw[..., model.eos_id] = float("-inf")
+    raw.masked_fill_(bad.repeat(raw.shape[0] // B)[:, None, None], 0.0)
     t["used"] += t["live"].long()
     t["ftok"] += t["live"].long() * _forward_tokens(model, batch, spans)
     live = t["live"] & ~bad
     masked = t["canvas"] == plan.mask_id  # (B, G)
     in_block = plan.block_of[None, :] == t["block"][:, None]
     idx, valid = compact(masked & in_block & live[:, None], max(1, max(s.n_cand for s in batch.slots)))
-    lc = lw.gather(1, span.columns(idx)[..., None].expand(-1, -1, V))  # (B, C, V) candidate logits
     tau = prophet_tau(t["block"] * plan.S + t["sstep"], cfg.steps, cfg.thresholds)
     commit = torch.zeros_like(live)
     if cfg.rule == "prophet":
@@ -453,8 +470,11 @@ def _step(model: DLM, batch: _Batch) -> list[list[int]]:
         t["cstep"] = torch.where(commit, t["used"], t["cstep"])
         t["cgap"] = torch.where(commit, pooled, t["cgap"])
         valid = valid & ~commit[:, None]
-    x0, sel = _propose(plan, t, lc, valid, batch.noise(idx.shape[1], V), tau)
-    t["canvas"].scatter_(1, idx, torch.where(sel, x0, t["canvas"].gather(1, idx)))
+    prop = _proposals(span, t, idx, cfg)
+    position_u = (position_uniforms(counter_key(t["seed"], t["used"], idx, POSITION_STREAM))
+                  if random_positions(cfg) else None)
+    sel = _propose(plan, t, prop, valid, position_u, tau)
+    t["canvas"].scatter_(1, idx, torch.where(sel, prop.x0, t["canvas"].gather(1, idx)))
     return _advance(batch, live, bad, commit)
 
 
@@ -561,7 +581,7 @@ def _admit(batch: _Batch, waiting: deque, prompts: list[list[int]], seeds: list[
     new = []
     for _ in range(n_free):
         r = waiting.popleft()
-        new.append(_Slot(r, row_generator(seeds[r], batch.device),
+        new.append(_Slot(r, seeds[r],
                          torch.tensor(prompts[r], dtype=torch.long, device=batch.device),
                          plan.first_cand, plan.init_masked, now, plan.first_block))
     batch.add(new)

@@ -11,15 +11,16 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Sequence
 
 import torch
 
 from prophet.config import DecodeConfig
-from prophet.decode import (initial_window, kv_cache, make_result, monitored_slice, resolve_seeds, row_generator,
-                            step_span, stop_ids, validate_request)
-from prophet.rules import (cfg_mix, draw_noise, dream_confidence, dream_probs, gumbel_argmax, gumbel_perturb,
-                           pool_gaps, sample_from_probs, softmax_of, top2_gap)
+from prophet.decode import (initial_window, kv_cache, make_result, monitored_slice, resolve_seeds, step_span,
+                            stop_ids, validate_request)
+from prophet.noise import POSITION_STREAM, TOKEN_STREAM, counter_key, position_uniforms, seed_words, token_uniforms
+from prophet.rules import cfg_mix, gumbel_perturb, pool_gaps, propose, random_positions, top2_gap
 from prophet.types import DLM, DecodeResult
 
 
@@ -70,7 +71,7 @@ def _decode_row(model: DLM, prompt: list[int], cfg: DecodeConfig, seed: int, dev
     scores (SPEC 6: under a dual cache the rest keep those of the block's refresh pass).
     """
     t0 = time.perf_counter()
-    gen = row_generator(seed, device)
+    seed_w = seed_words([seed], device)  # (1, 2)
     prompt_t = torch.tensor(prompt, dtype=torch.long, device=device)
     window = initial_window(cfg, model.mask_id, device)
     row = _Row(window)
@@ -91,9 +92,10 @@ def _decode_row(model: DLM, prompt: list[int], cfg: DecodeConfig, seed: int, dev
             row.steps_used += 1
             row.forward_tokens += (2 if cfg.cfg_scale > 0 else 1) * (
                 len(prompt) + G if refresh else width + getattr(model, "query_lead", 0))
-            if not torch.isfinite(scored).all():
+            if not all(torch.isfinite(x).all() for x in scored):
                 row.nonfinite = True
                 break
+            scored = scored[0] if len(scored) == 1 else cfg_mix(scored[0], scored[1], cfg.cfg_scale)
             if cfg.logits_eos_inf:
                 scored[:, model.eos_id] = float("-inf")
             if view is None:
@@ -108,7 +110,8 @@ def _decode_row(model: DLM, prompt: list[int], cfg: DecodeConfig, seed: int, dev
                     window[masked] = logits.argmax(-1)[masked]
                     row.committed_early, row.commit_step, row.commit_gap = True, row.steps_used, g
                     break
-            _update(window, logits, cand, cfg, gen, model, n0=n0, s=s, S=S, tau=tau)
+            _update(window, logits, cand, cfg, partial(_draws, seed_w, row.steps_used), model, n0=n0, s=s, S=S,
+                    tau=tau)
         if row.committed_early or row.nonfinite:
             break
     row.seconds = time.perf_counter() - t0
@@ -116,9 +119,9 @@ def _decode_row(model: DLM, prompt: list[int], cfg: DecodeConfig, seed: int, dev
 
 
 def _scored_logits(model: DLM, prompt: torch.Tensor, window: torch.Tensor, cfg: DecodeConfig, lo: int,
-                   width: int, refresh: bool) -> torch.Tensor:
-    """(width, V) float32 logits of window positions lo .. lo + width - 1; with CFG a second pass with
-    the prompt masked (in cache slot 1). Without cache the whole sequence is scored, then sliced."""
+                   width: int, refresh: bool) -> list[torch.Tensor]:
+    """[(width, V)] float32 logits of window positions lo .. lo + width - 1, and with CFG a second
+    pass with the prompt masked (in cache slot 1). Without cache the whole sequence is scored, then sliced."""
     ids = torch.cat([prompt, window])[None]  # (1, L)
     attn = torch.ones_like(ids, dtype=torch.bool)
     uncond = ids.clone()
@@ -131,8 +134,7 @@ def _scored_logits(model: DLM, prompt: torch.Tensor, window: torch.Tensor, cfg: 
         slots = torch.tensor([slot], device=ids.device)
         return model.cached_logits(x, attn, slots, first, width, refresh)[0].float()
 
-    cond = run(ids, 0)
-    return cond if cfg.cfg_scale <= 0 else cfg_mix(cond, run(uncond, 1), cfg.cfg_scale)
+    return [run(ids, 0)] + ([run(uncond, 1)] if cfg.cfg_scale > 0 else [])
 
 
 def _pooled_gap(logits: torch.Tensor, masked: torch.Tensor, cand: torch.Tensor, cfg: DecodeConfig) -> float:
@@ -146,32 +148,34 @@ def _pooled_gap(logits: torch.Tensor, masked: torch.Tensor, cand: torch.Tensor, 
     return float(pool_gaps(gaps[None], torch.ones_like(gaps[None], dtype=torch.bool), cfg.statistic, cfg.quantile))
 
 
+def _draws(seed_w: torch.Tensor, step: int, positions: torch.Tensor, stream: int) -> torch.Tensor:
+    """(n,) counter keys of one row's draws at window positions, at its forward pass `step`."""
+    return counter_key(seed_w, torch.tensor([step], device=positions.device), positions[None], stream)[0]
+
+
 def _update(window: torch.Tensor, logits: torch.Tensor, cand: torch.Tensor, cfg: DecodeConfig,
-            gen: torch.Generator, model: DLM, *, n0: int, s: int, S: int, tau: float) -> None:
-    """The host's normal step on one row: propose tokens for the candidates, commit the chosen ones."""
+            draws, model: DLM, *, n0: int, s: int, S: int, tau: float) -> None:
+    """The host's normal step on one row: propose tokens for the candidates, commit the chosen ones.
+    `draws(positions, stream)` gives this step's counter keys at window positions (prophet.noise)."""
     pos = cand.nonzero().flatten()  # candidate positions, ascending
     n = pos.numel()
     lc = logits[pos]  # (n, V)
-    noise = draw_noise(gen, n, lc.shape[-1], cfg, window.device)
+    u = token_uniforms(draws(pos, TOKEN_STREAM), lc.shape[-1]) if cfg.temperature > 0 else None
+    prop = propose(lc, cfg, u)
+    x0, prob = prop.x0, prop.prob
+    upos = position_uniforms(draws(pos, POSITION_STREAM)) if random_positions(cfg) else None
     reveal = [False] * n
     if cfg.host == "llada":
-        x0 = lc.argmax(-1) if cfg.temperature == 0 else gumbel_argmax(lc, noise.token, cfg.temperature)
-        prob = softmax_of(lc, x0)
-        score = prob if cfg.remasking == "low_confidence" else noise.position
+        score = prob if cfg.remasking == "low_confidence" else upos
         k = n0 // S + (1 if s < n0 % S else 0)
     else:
-        probs = dream_probs(lc, cfg.temperature, cfg.top_p, cfg.top_k)
-        x0 = probs.argmax(-1) if cfg.temperature == 0 else sample_from_probs(probs, noise.token)
-        prob = probs[torch.arange(n), x0]
         ts = torch.linspace(1, cfg.eps, S + 1, device=window.device)  # per block (Fast-dLLM's Dream)
         last = s == S - 1
         if cfg.alg == "origin":
-            score, k = -noise.position, 0
-            reveal = (noise.position < (1 if last else 1 - ts[s + 1] / ts[s])).tolist()
+            score, k = -upos, 0
+            reveal = (upos < (1 if last else 1 - ts[s + 1] / ts[s])).tolist()
         else:
-            score = dream_confidence(probs, x0, cfg.alg)
-            if cfg.alg_temp > 0:
-                score = gumbel_perturb(score, noise.position, cfg.alg_temp)
+            score = prop.score if cfg.alg_temp <= 0 else gumbel_perturb(prop.score, upos, cfg.alg_temp)
             k = n if last else int(n * (1 - ts[s + 1] / ts[s]))
     stops = stop_ids(model)
     demoted = [cfg.confidence_eos_eot_inf and t in stops for t in x0.tolist()]

@@ -108,9 +108,9 @@ def cfg_mix(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Ten
 
 
 def gumbel_argmax(logits: torch.Tensor, u: torch.Tensor, temperature: float) -> torch.Tensor:
-    """LLaDA's float64 Gumbel-max: argmax exp(logits) / (-log U) ** T over V; (..., V) -> (...,)."""
-    noisy = logits.double().exp() / (-torch.log(u.double())) ** temperature
-    return noisy.argmax(-1)
+    """LLaDA's Gumbel-max, argmax exp(logits) / (-log U) ** T over V, taken in log space as
+    argmax logits - T log(-log U) (the same argmax, without LLaDA's float64 copy); (..., V) -> (...,)."""
+    return (logits.float() - temperature * torch.log(-torch.log(u))).argmax(-1)
 
 
 def softmax_of(logits: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
@@ -147,8 +147,8 @@ def dream_probs(logits: torch.Tensor, temperature: float, top_p: float | None, t
 
 
 def sample_from_probs(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """One categorical draw per row of (..., V) probs from uniforms u: argmax p / Exp(1), in float64."""
-    return (probs.double() / -torch.log(u.double())).argmax(-1)
+    """One categorical draw per row of (..., V) probs from uniforms u: argmax p / Exp(1)."""
+    return (probs / -torch.log(u)).argmax(-1)
 
 
 def dream_confidence(probs: torch.Tensor, x0: torch.Tensor, alg: str) -> torch.Tensor:
@@ -172,27 +172,39 @@ def gumbel_perturb(key: torch.Tensor, u: torch.Tensor, alg_temp: float) -> torch
 
 
 # ---------------------------------------------------------------------------------------------
-# Randomness: one generator per row, draw shapes that depend only on that row
+# A host's proposal at a set of positions
 
 
-class Noise(NamedTuple):
-    """A row's uniforms for one step: `token` (n, V) float64 and `position` (n,) float32, or None."""
+class Proposal(NamedTuple):
+    """Per position: proposed token x0, its host probability, the host's ranking score (None where
+    the host ranks by uniforms) and the top-2 gap of the logits, all (n,)."""
 
-    token: torch.Tensor | None
-    position: torch.Tensor | None
+    x0: torch.Tensor
+    prob: torch.Tensor
+    score: torch.Tensor | None
+    gap: torch.Tensor
 
 
-def draw_noise(gen: torch.Generator | None, n: int, vocab: int, cfg: DecodeConfig,
-               device: torch.device) -> Noise:
-    """Uniforms a row needs for one step with n candidate positions, always drawn in the same order."""
-    token = position = None
-    if cfg.temperature > 0:
-        token = torch.rand(n, vocab, generator=gen, device=device, dtype=torch.float64)
-    random_positions = (cfg.remasking == "random") if cfg.host == "llada" else (
-        cfg.alg == "origin" or cfg.alg_temp > 0)
-    if random_positions:
-        position = torch.rand(n, generator=gen, device=device)
-    return Noise(token, position)
+def propose(x: torch.Tensor, cfg: DecodeConfig, u: torch.Tensor | None) -> Proposal:
+    """(n, V) float32 logits as the step uses them, (n, V) token uniforms (temperature > 0) -> Proposal.
+
+    LLaDA: argmax or Gumbel-max x0, its softmax probability. Dream: its tempered, filtered
+    distribution, argmax or a draw, and the alg's confidence.
+    """
+    gap = top2_gap(x)
+    if cfg.host == "llada":
+        x0 = x.argmax(-1) if cfg.temperature == 0 else gumbel_argmax(x, u, cfg.temperature)
+        prob = softmax_of(x, x0)
+        return Proposal(x0, prob, prob, gap)
+    probs = dream_probs(x, cfg.temperature, cfg.top_p, cfg.top_k)
+    x0 = probs.argmax(-1) if cfg.temperature == 0 else sample_from_probs(probs, u)
+    prob = probs.gather(-1, x0[..., None])[..., 0]
+    return Proposal(x0, prob, None if cfg.alg == "origin" else dream_confidence(probs, x0, cfg.alg), gap)
+
+
+def random_positions(cfg: DecodeConfig) -> bool:
+    """Whether the host ranks (or reveals) positions by uniforms rather than by confidence."""
+    return cfg.remasking == "random" if cfg.host == "llada" else (cfg.alg == "origin" or cfg.alg_temp > 0)
 
 
 # ---------------------------------------------------------------------------------------------

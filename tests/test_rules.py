@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from prophet.config import DecodeConfig
-from prophet.rules import (budget_floor, cfg_mix, compact, count_generated, draw_noise, dream_confidence, dream_probs,
+from prophet.rules import (budget_floor, cfg_mix, compact, count_generated, dream_confidence, dream_probs,
                            gumbel_argmax, gumbel_perturb, pool_gaps, prophet_decision, rank_desc, sample_from_probs,
                            select_positions, softmax_of, top2_gap, top_k_filter, top_p_filter)
 
@@ -146,19 +146,6 @@ def test_gumbel_perturb_first_pick_follows_softmax_of_key_over_alg_temp():
     first = gumbel_perturb(key.expand(20000, 3), u, 0.25).argmax(-1)
     freq = torch.bincount(first, minlength=3).double() / 20000
     assert torch.allclose(freq, torch.softmax(key.double() / 0.25, 0), atol=0.015)
-
-
-def test_draw_noise_shapes_depend_on_the_row_only_and_repeat_with_the_seed():
-    cfg = DecodeConfig(gen_length=8, steps=8, temperature=0.5, remasking="random")
-    a = draw_noise(torch.Generator().manual_seed(3), 5, 11, cfg, torch.device("cpu"))
-    b = draw_noise(torch.Generator().manual_seed(3), 5, 11, cfg, torch.device("cpu"))
-    assert a.token.shape == (5, 11) and a.token.dtype == torch.float64 and a.position.shape == (5,)
-    assert torch.equal(a.token, b.token) and torch.equal(a.position, b.position)
-    greedy = draw_noise(None, 5, 11, DecodeConfig(gen_length=8, steps=8), torch.device("cpu"))
-    assert greedy.token is None and greedy.position is None
-    dream = draw_noise(None, 4, 11, DecodeConfig(host="dream", gen_length=8, steps=8, alg="origin"),
-                       torch.device("cpu"))
-    assert dream.token is None and dream.position.shape == (4,)
 
 
 def test_count_generated_stops_at_the_first_stop_id():
