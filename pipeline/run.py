@@ -27,7 +27,7 @@ from typing import Any, Callable
 import pyarrow as pa
 
 from pipeline import io as pio
-from pipeline import output
+from pipeline import output, storage
 from pipeline.actor import ActorSpec
 from pipeline.config import JobConfig, JobConfigError, settings_hash
 
@@ -93,6 +93,9 @@ class Summary:
 
 def plan_job(cfg: JobConfig) -> Plan:
     """Validate everything that can be checked without Ray; raise JobConfigError naming the field."""
+    storage.use_endpoint(cfg.storage.s3_endpoint)
+    storage.check_bucket(cfg.input.path, "input.path")
+    storage.check_bucket(cfg.output.dir, "output.dir")
     _check_paths(cfg)
     fmt = pio.detect_format(cfg.input)
     schema = None
@@ -114,6 +117,10 @@ def plan_job(cfg: JobConfig) -> Plan:
 def _check_paths(cfg: JobConfig) -> None:
     """The output may not be the input, inside it, or hold it (nothing in the input is ever touched)."""
     if "://" in cfg.output.dir or "://" in cfg.input.path:
+        if cfg.output.dir.rstrip("/") == cfg.input.path.rstrip("/"):
+            raise JobConfigError(f"output.dir: {cfg.output.dir} is the input; choose another prefix")
+        if "://" not in cfg.model.dir and not Path(cfg.model.dir).is_dir():
+            raise JobConfigError(f"model.dir: no such directory {cfg.model.dir}")
         return
     out, inp = Path(cfg.output.dir).resolve(), Path(cfg.input.path).resolve()
     if out == inp or inp in out.parents:
@@ -167,9 +174,12 @@ def _model_fingerprint(model_dir: str, sample: int = 1 << 20) -> str:
 
 
 def _input_fingerprint(path: str) -> str | None:
-    """Hash of the input files' names, sizes and modification times; None for remote inputs."""
-    if "://" in path:
-        return None
+    """Hash of the input files' names, sizes and modification times (local or object storage)."""
+    if storage.is_remote(path):
+        fs, base = storage.filesystem(path)
+        infos = fs.get_file_info(storage.list_files(path))
+        items = [(i.path[len(base):].lstrip("/") or i.base_name, i.size, i.mtime_ns) for i in infos]
+        return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:16]
     root = Path(path)
     files = pio.input_files_any(root)
     items = [(str(p.relative_to(root)) if p != root else p.name, p.stat().st_size, p.stat().st_mtime_ns)
