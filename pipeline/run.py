@@ -19,7 +19,6 @@ import platform
 import socket
 import sys
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -29,11 +28,9 @@ import pyarrow as pa
 from pipeline import io as pio
 from pipeline import output, storage
 from pipeline.actor import ActorSpec
-from pipeline.config import JobConfig, JobConfigError, settings_hash
+from pipeline.config import JobConfig, JobConfigError
+from pipeline.stage import NOT_IN_SETTINGS, DecodeStage, StageConfig, StagePlan, plan_stage  # noqa: F401
 
-# DecodeConfig fields that change how fast rows decode, never what they decode to (the core
-# guarantees batch-independence), so a resumed job may change them.
-NOT_IN_SETTINGS = ("batch_size", "continuous")
 VERSIONED = ("prophet-dlm", "torch", "ray", "deepspeed", "pyarrow", "datasets", "pydantic", "tokenizers",
              "safetensors", "transformers")
 
@@ -104,14 +101,8 @@ def plan_job(cfg: JobConfig) -> Plan:
     pio.check_columns(cfg.input, pio.peek(cfg.input, fmt))
     if "://" not in cfg.input.path:
         pio.check_unique_ids(cfg.input, fmt)
-    host, anchor_ids = _model_facts(cfg)
-    decode = cfg.decode_config(host, anchor_ids).to_dict()
-    settings = {"decode": {k: v for k, v in decode.items() if k not in NOT_IN_SETTINGS},
-                "model": Path(cfg.model.dir).resolve().name, "model_files": _model_fingerprint(cfg.model.dir),
-                "dtype": cfg.dtype, "seed": cfg.execution.seed,
-                "prompt": cfg.input.messages_column and f"messages:{cfg.input.messages_column}"
-                or f"prompt:{cfg.input.prompt_column}"}
-    return Plan(cfg, fmt, decode, settings, settings_hash(settings), _input_fingerprint(cfg.input.path), schema)
+    sp = plan_stage(cfg)
+    return Plan(cfg, fmt, sp.decode, sp.settings, sp.settings_hash, _input_fingerprint(cfg.input.path), schema)
 
 
 def _check_paths(cfg: JobConfig) -> None:
@@ -119,16 +110,12 @@ def _check_paths(cfg: JobConfig) -> None:
     if "://" in cfg.output.dir or "://" in cfg.input.path:
         if cfg.output.dir.rstrip("/") == cfg.input.path.rstrip("/"):
             raise JobConfigError(f"output.dir: {cfg.output.dir} is the input; choose another prefix")
-        if "://" not in cfg.model.dir and not Path(cfg.model.dir).is_dir():
-            raise JobConfigError(f"model.dir: no such directory {cfg.model.dir}")
         return
     out, inp = Path(cfg.output.dir).resolve(), Path(cfg.input.path).resolve()
     if out == inp or inp in out.parents:
         raise JobConfigError(f"output.dir: {cfg.output.dir} is the input or inside it; choose another directory")
     if out in inp.parents:
         raise JobConfigError(f"output.dir: {cfg.output.dir} holds the input {cfg.input.path}; choose another directory")
-    if not Path(cfg.model.dir).is_dir():
-        raise JobConfigError(f"model.dir: no such directory {cfg.model.dir}")
 
 
 def _model_facts(cfg: JobConfig) -> tuple[str, tuple[int, ...]]:
@@ -292,23 +279,20 @@ def resolve_resources(cfg: JobConfig, cluster: dict, node_cpus: float | None = N
     return Resources(cpus=cpus, gpus=ex.gpus_per_actor, threads=max(1, round(cpus)))
 
 
+def decode_stage(plan: Plan, res: Resources) -> DecodeStage:
+    """The job's decode stage: the one users put in their own Ray Data pipelines (pipeline.stage),
+    given this job's plan and resources; the job's reader has already assigned the ids."""
+    return DecodeStage(StageConfig.from_job(plan.cfg), StagePlan(plan.decode, plan.settings, plan.settings_hash),
+                       assign_ids=False, resources=res)
+
+
 def actor_spec(plan: Plan, res: Resources) -> ActorSpec:
     """The actor's instructions."""
-    cfg = plan.cfg
-    return ActorSpec(model_dir=str(Path(cfg.model.dir).resolve()) if "://" not in cfg.model.dir else cfg.model.dir,
-                     dtype=cfg.dtype, engine=cfg.model.engine, device="cuda" if res.gpus > 0 else "cpu",
-                     decode=plan.decode, seed=cfg.execution.seed, settings_hash=plan.settings_hash,
-                     prompt_column=cfg.input.prompt_column, messages_column=cfg.input.messages_column,
-                     id_column=cfg.input.id_column, threads=res.threads, allow_pickle=cfg.model.allow_pickle,
-                     trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision,
-                     drop_columns=(pio.ROW_KEY,))
+    return decode_stage(plan, res).actor_spec()
 
 
-def build_dataset(plan: Plan, spec: ActorSpec, res: Resources, done: Any, run_id: str):
-    """read -> ids, drop done -> (limit) -> blocks -> actors -> (dataset, sink); nothing runs yet."""
-    import ray.data
-
-    from pipeline.actor import GenerateActor
+def build_dataset(plan: Plan, res: Resources, done: Any, run_id: str):
+    """read -> ids, drop done -> (limit) -> the decode stage -> (dataset, sink); nothing runs yet."""
     from pipeline.datasources import PartSink, read_dataset
 
     cfg = plan.cfg
@@ -317,18 +301,7 @@ def build_dataset(plan: Plan, spec: ActorSpec, res: Resources, done: Any, run_id
                         fn_kwargs={"id_column": cfg.input.id_column, "done": done, "schema": plan.input_schema})
     if cfg.input.limit:
         ds = ds.limit(cfg.input.limit)
-    ds = ds.repartition(target_num_rows_per_block=cfg.rows_per_block)
-    ex = cfg.execution
-    remote: dict[str, Any] = {"num_cpus": res.cpus, "max_restarts": ex.max_restarts,
-                              "max_task_retries": ex.max_task_retries}
-    if res.gpus:
-        remote["num_gpus"] = res.gpus
-    with warnings.catch_warnings():
-        # max_restarts/max_task_retries have no named parameter in Ray 2.60 (only ray_remote_args)
-        warnings.filterwarnings("ignore", message=".*ray_remote_args. is deprecated")
-        ds = ds.map_batches(GenerateActor, fn_constructor_kwargs={"spec": spec}, batch_size=ex.batch_size,
-                            batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=ex.actors), **remote)
-    return ds, PartSink(cfg.output.dir, run_id, ex.rows_per_file)
+    return decode_stage(plan, res)(ds), PartSink(cfg.output.dir, run_id, cfg.execution.rows_per_file)
 
 
 def configure_data_context(cfg: JobConfig) -> None:
@@ -434,7 +407,7 @@ def run(cfg: JobConfig, log: Callable[[str], None] = print) -> Summary:
         configure_data_context(cfg)
         try:
             reserve_pool(cfg, cluster, res)
-            ds, sink = build_dataset(plan, actor_spec(plan, res), res, done, run_id)
+            ds, sink = build_dataset(plan, res, done, run_id)
             execute(ds, sink, cfg, cluster, res)
         except BaseException as e:
             _mark_failed(out, manifest, e)
