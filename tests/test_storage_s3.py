@@ -36,6 +36,7 @@ def s3_endpoint():
     boto3.client("s3", endpoint_url=url, region_name="us-east-1").create_bucket(Bucket=BUCKET)
     yield url
     server.stop()
+    os.environ.pop("AWS_ENDPOINT_URL_S3", None)  # run() exported the endpoint of this (now stopped) server
 
 
 def put_prompts(url: str, key: str, task_rows: list[dict], n: int) -> str:
