@@ -9,7 +9,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.config import JobConfigError
+from pipeline import output
+from pipeline.config import JobConfigError, load_job_config
+from pipeline.run import run
 from pipeline.schema import OUTPUT_COLUMNS
 from pipeline.stage import StageConfig, build_stage
 
@@ -48,6 +50,15 @@ def test_a_users_read_json_stage_filter_write_parquet_pipeline(ray_local, tmp_pa
     ok = [r for k, r in got.items() if k != "q-empty"]
     assert all(r["status"] == "ok" and r["settings_hash"] == stage.plan.settings_hash for r in ok)
     assert all(r["chars"] == len(r["completion"]) for r in ok)
+
+    # one code path: the job over the same file gives the same settings hash and the same completions
+    job = load_job_config(None, {**{f"{k}.{f}": v for k, sec in config(tiny_model_dir).items() for f, v in sec.items()},
+                                 "input.path": str(src), "output.dir": str(tmp_path / "job"),
+                                 "input.prompt_column": "question", "input.id_column": "qid"})
+    assert run(job, log=lambda _: None).rows == len(rows)
+    from_job = {r["id"]: r for r in pq.read_table(output.part_files(str(tmp_path / "job"))).to_pylist()}
+    assert {k: (r["settings_hash"], r["status"], r["completion"]) for k, r in from_job.items()} == \
+        {k: (r["settings_hash"], r["status"], r["completion"]) for k, r in got.items()}
 
 
 def test_a_bad_stage_config_fails_at_build_time_naming_the_field(tmp_path, tiny_model_dir):
