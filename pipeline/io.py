@@ -302,9 +302,11 @@ def check_parquet_files(cfg: InputConfig) -> pa.Schema:
     column missing from some files, or all-null in some, is fine (the union gives it one type).
     """
     schemas: dict[Path, pa.Schema] = {}
-    for file in input_files(Path(cfg.path), "parquet"):
+    fs, files = _input_files_fs(cfg.path, "parquet")
+    for name in files:
+        file = Path(name)
         try:
-            schemas[file] = pq.read_schema(file)
+            schemas[file] = pq.read_schema(name, filesystem=fs)
         except (pa.ArrowInvalid, OSError) as e:
             raise JobConfigError(f"input.path: {file} is not a readable Parquet file ({e}); "
                                  "remove or replace it") from None
@@ -368,12 +370,13 @@ def _id_chunks(cfg: InputConfig, fmt: str, name: str) -> Iterator[pa.Array]:
         column = datasets.load_from_disk(cfg.path).select_columns([name]).with_format("arrow")[:][name]
         yield from pc.cast(column, pa.string()).chunks
         return
-    for file in input_files(Path(cfg.path), fmt):
-        with open(file, "rb") as fh:
+    fs, files = _input_files_fs(cfg.path, fmt)
+    for file in files:
+        with fs.open_input_file(file) as fh:
             if fmt == "parquet":
                 tables: Iterator[Any] = pq.ParquetFile(fh).iter_batches(columns=[name])
             else:
-                tables = read_file(fmt, _maybe_gunzip(fh, file), file.name, cfg.prompt_column)
+                tables = read_file(fmt, _maybe_gunzip(fh, Path(file)), Path(file).name, cfg.prompt_column)
             for t in tables:
                 if name in t.schema.names:
                     column = pc.cast(t.column(name), pa.string())

@@ -96,11 +96,10 @@ def plan_job(cfg: JobConfig) -> Plan:
     _check_paths(cfg)
     fmt = pio.detect_format(cfg.input)
     schema = None
-    if fmt == "parquet" and "://" not in cfg.input.path:
+    if fmt == "parquet":
         schema = pio.check_parquet_files(cfg.input)
     pio.check_columns(cfg.input, pio.peek(cfg.input, fmt))
-    if "://" not in cfg.input.path:
-        pio.check_unique_ids(cfg.input, fmt)
+    pio.check_unique_ids(cfg.input, fmt)
     sp = plan_stage(cfg)
     return Plan(cfg, fmt, sp.decode, sp.settings, sp.settings_hash, _input_fingerprint(cfg.input.path), schema)
 

@@ -101,6 +101,18 @@ def test_a_missing_bucket_is_refused_before_ray_with_the_field_and_the_fix(s3_en
         run(s3_job("s3://gone/p.jsonl", f"s3://{BUCKET}/o", tiny_model_dir, s3_endpoint), log=no_log)
 
 
+def test_s3_parquet_inputs_get_the_local_checks_before_ray(s3_endpoint, tiny_model_dir):
+    fs = storage.s3(s3_endpoint)
+    pq.write_table(pa.table({"prompt": ["a", "b"], "k": ["1", "2"]}), f"{BUCKET}/pq/a.parquet", filesystem=fs)
+    pq.write_table(pa.table({"prompt": ["c"], "k": ["1"]}), f"{BUCKET}/pq/b.parquet", filesystem=fs)
+    with pytest.raises(JobConfigError, match=r"input.id_column: 1 ids of column 'k' appear more than once"):
+        run(s3_job(f"s3://{BUCKET}/pq", f"s3://{BUCKET}/o", tiny_model_dir, s3_endpoint,
+                   **{"input.id_column": "k"}), log=no_log)
+    pq.write_table(pa.table({"prompt": [1]}), f"{BUCKET}/pq/c.parquet", filesystem=fs)
+    with pytest.raises(JobConfigError, match=r"column 'prompt' is string in a.parquet but int64 in c.parquet"):
+        run(s3_job(f"s3://{BUCKET}/pq", f"s3://{BUCKET}/o", tiny_model_dir, s3_endpoint), log=no_log)
+
+
 @pytest.mark.ray
 def test_a_driver_killed_mid_run_on_s3_resumes_only_what_is_missing(ray_local, s3_endpoint, tiny_model_dir,
                                                                      task_rows):
