@@ -80,7 +80,7 @@ def build_module(cfg: TrainConfig, vocab_size: int, max_length: int) -> torch.nn
         return DreamModel(DreamConfig(hidden_size=cfg.width, num_attention_heads=cfg.heads,
                                       num_key_value_heads=cfg.kv_heads, num_hidden_layers=cfg.layers,
                                       intermediate_size=cfg.mlp, max_position_embeddings=max_length,
-                                      max_length=max_length, **common))
+                                      **common))
     raise ValueError(f"family={cfg.family!r}: choose 'llada' or 'dream'")
 
 

@@ -35,6 +35,7 @@ class ActorSpec:
     settings_hash: str
     prompt_column: str
     messages_column: str | None = None
+    chat_template: bool = False       # plain prompts rendered as one user message (input.chat_template)
     id_column: str | None = None
     threads: int = 1                  # torch intra-op threads
     allow_pickle: bool = False
@@ -67,8 +68,10 @@ class Prepared:
     error: str | None = None
 
 
-def prompt_text(prompt: Any, messages: Any, use_messages: bool, render_chat: Any) -> tuple[str | None, str | None]:
-    """(text, error) of one row: the plain prompt, or chat messages through the template."""
+def prompt_text(prompt: Any, messages: Any, use_messages: bool, render_chat: Any,
+                chat_template: bool = False) -> tuple[str | None, str | None]:
+    """(text, error) of one row: the plain prompt (as one user message through the template where
+    chat_template), or chat messages through the template."""
     if use_messages:
         if messages is None:
             return None, "messages is null"
@@ -95,6 +98,11 @@ def prompt_text(prompt: Any, messages: Any, use_messages: bool, render_chat: Any
         return None, f"prompt is a {type(prompt).__name__}, not a string"
     if not prompt.strip():
         return prompt, "prompt is empty or whitespace only"
+    if chat_template and not use_messages:
+        try:
+            return render_chat([{"role": "user", "content": prompt}]), None
+        except Exception as e:  # a template error is the row's, not the job's
+            return prompt, f"chat template failed: {type(e).__name__}: {e}"
     return prompt, None
 
 
@@ -145,7 +153,7 @@ class GenerateActor:
         rows = []
         for prompt, msgs, input_error in zip(prompts, messages, input_errors):
             text, error = (None, input_error) if input_error else prompt_text(
-                prompt, msgs, spec.messages_column is not None, self.model.render_chat)
+                prompt, msgs, spec.messages_column is not None, self.model.render_chat, spec.chat_template)
             rows.append(prepare(text, error, self.model.encode, self.max_prompt))
         ids = batch.column("id").to_pylist()
         metrics = self._decode(rows, ids)

@@ -41,6 +41,12 @@ class InputConfig(_Section):
     messages_column: Optional[str] = Field(None, description="Column of chat messages (a list of "
                                            "{role, content}, or its JSON text); rendered with the "
                                            "tokenizer's chat template. Used instead of prompt_column.")
+    chat_template: Literal["auto", "always", "never"] = Field(
+        "auto", description="Plain-text prompts through the model's chat template, each as one user "
+        "message with the generation prompt added (what Instruct models expect): 'auto' where the "
+        "model has a template (tokenizer_config.json or chat_template.jinja) and as is where it has "
+        "none; 'always' refuses a model without one; 'never' sends the text as is (Base models). "
+        "messages_column rows always use the template.")
     id_column: Optional[str] = Field(None, description="Column of unique row ids. When unset, ids are "
                                      "'<file>:<row>' (path relative to `path`, 0-based row), stable "
                                      "across reruns and distinct for duplicate prompts.")
@@ -183,6 +189,9 @@ class JobConfig(_Section):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "JobConfig":
+        if self.input.messages_column and self.input.chat_template == "never":
+            raise ValueError("input.chat_template: 'never' with input.messages_column set: chat messages "
+                             "need the template; use a plain prompt_column, or chat_template 'auto'")
         d = self.decoding
         if d.preset is not None and d.thresholds != DecodeConfig.thresholds:
             raise ValueError("decoding.preset and decoding.thresholds both set: give one")

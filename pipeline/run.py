@@ -50,6 +50,8 @@ class Plan:
     settings_hash: str
     fingerprint: str | None       # of the input files (None where not local)
     input_schema: Any = None      # pa.Schema: union of the Parquet inputs' schemas (None for other formats)
+    chat_template: bool = False   # plain prompts go through the model's chat template (input.chat_template)
+    token_ids: dict = field(default_factory=dict)  # mask/pad/eos/eot ids decoding uses (config.json's)
 
 
 @dataclass
@@ -101,7 +103,8 @@ def plan_job(cfg: JobConfig) -> Plan:
     pio.check_columns(cfg.input, pio.peek(cfg.input, fmt))
     pio.check_unique_ids(cfg.input, fmt)
     sp = plan_stage(cfg)
-    return Plan(cfg, fmt, sp.decode, sp.settings, sp.settings_hash, _input_fingerprint(cfg.input.path), schema)
+    return Plan(cfg, fmt, sp.decode, sp.settings, sp.settings_hash, _input_fingerprint(cfg.input.path), schema,
+                sp.chat_template, sp.token_ids)
 
 
 def _check_paths(cfg: JobConfig) -> None:
@@ -281,7 +284,8 @@ def resolve_resources(cfg: JobConfig, cluster: dict, node_cpus: float | None = N
 def decode_stage(plan: Plan, res: Resources) -> DecodeStage:
     """The job's decode stage: the one users put in their own Ray Data pipelines (pipeline.stage),
     given this job's plan and resources; the job's reader has already assigned the ids."""
-    return DecodeStage(StageConfig.from_job(plan.cfg), StagePlan(plan.decode, plan.settings, plan.settings_hash),
+    return DecodeStage(StageConfig.from_job(plan.cfg), StagePlan(plan.decode, plan.settings, plan.settings_hash,
+                                                                     plan.chat_template, plan.token_ids),
                        assign_ids=False, resources=res)
 
 
@@ -442,7 +446,7 @@ def _manifest(plan: Plan, old: dict | None, run_id: str, t0: float, cluster: dic
         "decode": plan.decode,
         "input": {"path": str(cfg.input.path), "format": plan.fmt, "fingerprint": plan.fingerprint},
         "model": {"dir": cfg.model.dir, "name": plan.settings["model"], "dtype": cfg.dtype,
-                  "engine": cfg.model.engine},
+                  "engine": cfg.model.engine, "token_ids": plan.token_ids, "chat_template": plan.chat_template},
         "resources": asdict(res),
         "versions": versions(),
         "host": host_info(cluster),

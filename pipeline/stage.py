@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import hashlib
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import pyarrow as pa
 from pydantic import Field
@@ -48,6 +48,8 @@ class StageConfig(_Section):
     messages_column: Optional[str] = Field(None, description="Column of chat messages, used instead of "
                                            "prompt_column (see input.messages_column).")
     id_column: Optional[str] = Field(None, description="Column of unique row ids; unset = a hash of the prompt.")
+    chat_template: Literal["auto", "always", "never"] = Field("auto", description="Plain prompts through the "
+                                                              "model's chat template (see input.chat_template).")
 
     # the same derivations as the job's (one definition, see JobConfig)
     dtype = JobConfig.dtype
@@ -59,11 +61,13 @@ class StageConfig(_Section):
         """The stage part of a job configuration."""
         return cls(model=cfg.model, decoding=cfg.decoding, execution=cfg.execution,
                    prompt_column=cfg.input.prompt_column, messages_column=cfg.input.messages_column,
-                   id_column=cfg.input.id_column)
+                   id_column=cfg.input.id_column, chat_template=cfg.input.chat_template)
 
-    def prompt_setting(self) -> str:
-        """Which column the prompt comes from, as the settings record it."""
-        return f"messages:{self.messages_column}" if self.messages_column else f"prompt:{self.prompt_column}"
+    def prompt_setting(self, template: bool) -> str:
+        """Which column the prompt comes from (and whether through the template), as the settings record it."""
+        if self.messages_column:
+            return f"messages:{self.messages_column}"
+        return f"prompt:{self.prompt_column}" + (" chat_template" if template else "")
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,8 @@ class StagePlan:
     decode: dict          # DecodeConfig.to_dict() with the resolved host and anchor ids
     settings: dict        # what decides a row's output (hashed into settings_hash)
     settings_hash: str
+    chat_template: bool = False   # plain prompts go through the model's chat template
+    token_ids: dict = field(default_factory=dict)  # mask/pad/eos/eot ids decoding uses (config.json's)
 
 
 def plan_stage(cfg: StageConfig | JobConfig) -> StagePlan:
@@ -83,11 +89,45 @@ def plan_stage(cfg: StageConfig | JobConfig) -> StagePlan:
     if "://" not in stage.model.dir and not Path(stage.model.dir).is_dir():
         raise JobConfigError(f"model.dir: no such directory {stage.model.dir}")
     host, anchor_ids = _model_facts(stage)
+    template = uses_template(stage)
     decode = stage.decode_config(host, anchor_ids).to_dict()
     settings = {"decode": {k: v for k, v in decode.items() if k not in NOT_IN_SETTINGS},
                 "model": Path(stage.model.dir).resolve().name, "model_files": _model_fingerprint(stage.model.dir),
-                "dtype": stage.dtype, "seed": stage.execution.seed, "prompt": stage.prompt_setting()}
-    return StagePlan(decode, settings, settings_hash(settings))
+                "dtype": stage.dtype, "seed": stage.execution.seed, "prompt": stage.prompt_setting(template)}
+    return StagePlan(decode, settings, settings_hash(settings), template, token_ids(stage.model.dir))
+
+
+def uses_template(cfg: StageConfig) -> bool:
+    """Whether plain prompts are rendered through the chat template: input.chat_template resolved
+    against the model directory ('auto': where it ships one)."""
+    from prophet.models import ModelLoadError
+    from prophet.models.tokenizer import has_chat_template
+
+    mode = cfg.chat_template
+    if cfg.messages_column or mode == "never":
+        return False
+    try:
+        found = has_chat_template(cfg.model.dir)
+    except ModelLoadError as e:
+        raise JobConfigError(f"model.dir: {e}") from None
+    if mode == "always" and not found:
+        raise JobConfigError(f"input.chat_template: 'always', but {cfg.model.dir} has no chat template "
+                             "(tokenizer_config.json 'chat_template' or chat_template.jinja); use 'never'")
+    return found
+
+
+def token_ids(model_dir: str) -> dict:
+    """The special ids decoding uses, from config.json (a native family's, never the tokenizer's pad,
+    which may differ: DiffuCoder pads with 151667 in its tokenizer and 151643 in config.json).
+    Empty for transformers masked LMs, whose ids come from their tokenizer inside the actor."""
+    from prophet.models.loading import native_family, read_config
+
+    raw = read_config(Path(model_dir))
+    family = native_family(raw)
+    if family is None:
+        return {}
+    c = family[0].from_dict(raw)
+    return {"mask": c.mask_token_id, "pad": c.pad_token_id, "eos": c.eos_token_id, "eot": c.eot_token_id}
 
 
 def prompt_ids(batch: pa.Table, prompt_column: str, messages_column: str | None) -> pa.Table:
@@ -134,7 +174,7 @@ class DecodeStage:
                          device="cuda" if res.gpus > 0 else "cpu", decode=self.plan.decode,
                          seed=cfg.execution.seed, settings_hash=self.plan.settings_hash,
                          prompt_column=cfg.prompt_column, messages_column=cfg.messages_column,
-                         id_column=cfg.id_column, threads=res.threads, allow_pickle=cfg.model.allow_pickle,
+                         chat_template=self.plan.chat_template, id_column=cfg.id_column, threads=res.threads, allow_pickle=cfg.model.allow_pickle,
                          trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision,
                          drop_columns=self._drop)
 

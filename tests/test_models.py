@@ -105,8 +105,8 @@ def test_token_ids_fall_back_to_spec_defaults_per_family():
     d = DreamConfig.from_dict({"model_type": "Dream", "hidden_size": 64, "num_attention_heads": 4,
                                "num_key_value_heads": 2})
     assert (d.mask_token_id, d.pad_token_id, d.eos_token_id, d.bos_token_id) == (151666, 151643, 151643, 151643)
-    assert d.max_length == 2048
-    assert DreamConfig.from_dict({"max_length": 4096}).max_length == 4096
+    assert d.max_length == 32768  # configuration_dream.py's max_position_embeddings default
+    assert DreamConfig.from_dict({"max_length": 4096}).max_length == 32768  # a generation default, unread
 
 
 @pytest.mark.parametrize("key, value", [("weight_tying", True), ("include_bias", True), ("alibi", True)])
@@ -231,7 +231,7 @@ def test_adapter_is_a_text_dlm_with_ids_from_config(tmp_path):
 def test_dream_adapter_defaults(tmp_path):
     _, path = saved(tmp_path, "dream")
     model = load_model(path)
-    assert (model.family, model.default_host, model.max_length) == ("dream", "dream", 2048)
+    assert (model.family, model.default_host, model.max_length) == ("dream", "dream", 131072)
 
 
 def test_adapter_module_can_be_replaced_by_a_wrapper(tmp_path):

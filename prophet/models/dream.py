@@ -24,8 +24,7 @@ class DreamConfig(FamilyConfig):
     vocab_size: int = 152064                 # rows of embed_tokens and lm_head (logit width)
     rope_theta: float = 1000000.0
     rms_norm_eps: float = 1e-6
-    max_position_embeddings: int = 131072    # RoPE range of the base model, not the trained context
-    max_length: int = 2048                   # context Dream's authors use; a config "max_length" overrides
+    max_position_embeddings: int = 131072    # the context (prompt + generation) Dream's reference code allows
     mask_token_id: int = 151666
     pad_token_id: int = 151643
     bos_token_id: int | None = 151643
@@ -47,8 +46,22 @@ class DreamConfig(FamilyConfig):
         "use_sliding_window": False, "use_cache": False,
     }
 
+    # DreamConfig.__init__'s own defaults (Dream-org's configuration_dream.py): what a config.json
+    # without the key means to the reference code (no rope_theta = 10,000, not Dream-v0's 1e6).
+    reference_defaults: ClassVar[dict] = {
+        "vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": 32, "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "mask_token_id": 151666, "pad_token_id": 151643,
+    }
+
     def __post_init__(self) -> None:
         check_heads(self.hidden_size, self.num_attention_heads, self.num_key_value_heads)
+
+    @property
+    def max_length(self) -> int:
+        """Longest prompt + generation: max_position_embeddings. A config.json "max_length" is a
+        generation default of transformers (e.g. 20), never the context, so it is not read."""
+        return self.max_position_embeddings
 
     @property
     def logit_width(self) -> int:

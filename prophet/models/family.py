@@ -20,15 +20,34 @@ class FamilyConfig:
     # config.json keys for features this implementation does not have, with the values that
     # mean "feature off"; any other value is refused rather than silently computed wrong.
     required_values: ClassVar[dict[str, tuple[Any, ...]]] = {}
+    # config.json keys whose absence means the reference config class's default, where that
+    # differs from the dataclass default (the dataclass defaults describe the flagship checkpoint).
+    reference_defaults: ClassVar[dict[str, Any]] = {}
+    # architectures of the same model_type that this implementation does not have, and why.
+    other_architectures: ClassVar[dict[str, str]] = {}
     # keys written to config.json for fidelity with the published files; never read back.
     written_constants: ClassVar[dict[str, Any]] = {}
 
     @classmethod
     def matches(cls, raw: dict) -> bool:
-        """Whether a config.json dict names this family (by model_type or architectures)."""
-        if str(raw.get("model_type", "")).lower() == cls.model_type.lower():
+        """Whether a config.json dict names this family: its architectures when listed (one model_type
+        covers several, e.g. "llada" is dense LLaDA and LLaDA-MoE), else its model_type.
+
+        A listed architecture of this model_type that is not implemented is refused by name, so that
+        no other module's weights are ever loaded into this one.
+        """
+        listed = raw.get("architectures") or []
+        if any(a in cls.architectures for a in listed):
             return True
-        return any(a in cls.architectures for a in raw.get("architectures") or [])
+        if str(raw.get("model_type", "")).lower() != cls.model_type.lower():
+            return False
+        if listed:
+            arch = listed[0]
+            why = cls.other_architectures.get(arch, "not implemented natively")
+            raise ModelLoadError(f"config.json: architecture {arch} (model_type {raw.get('model_type')!r}) "
+                                 f"is not supported: {why}. Supported {cls.family} architectures: "
+                                 f"{', '.join(cls.architectures)}")
+        return True
 
     @classmethod
     def from_dict(cls: type[C], raw: dict) -> C:
@@ -38,7 +57,8 @@ class FamilyConfig:
                 raise ModelLoadError(f"config.json: {key}={raw[key]!r} is not supported by the native "
                                      f"{cls.family} implementation (supported: {list(allowed)})")
         names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-        return cls(**{k: v for k, v in raw.items() if k in names and v is not None})
+        given = {k: v for k, v in raw.items() if k in names and v is not None}
+        return cls(**{**cls.reference_defaults, **given})
 
     def to_dict(self) -> dict:
         """config.json dict in the published family's own keys."""

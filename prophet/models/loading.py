@@ -25,7 +25,8 @@ from prophet.models.errors import ModelLoadError
 from prophet.models.family import FamilyConfig
 from prophet.models.hf import check_remote_code, is_masked_lm_config, load_masked_lm
 from prophet.models.llada import LLaDAConfig, LLaDAModel
-from prophet.models.tokenizer import CHAT_TEMPLATE_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, Tokenizer
+from prophet.models.tokenizer import (CHAT_TEMPLATE_FILE, MERGES_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE,
+                                      VOCAB_FILE, Tokenizer)
 from prophet.types import TextDLM
 
 CONFIG_FILE = "config.json"
@@ -45,6 +46,12 @@ NATIVE_FAMILIES: tuple[tuple[type[FamilyConfig], type[nn.Module]], ...] = (
     (LLaDAConfig, LLaDAModel),
     (DreamConfig, DreamModel),
 )
+
+# Published model types named by the project's users that no native module implements, and why.
+UNSUPPORTED_MODEL_TYPES = {
+    "llada2_moe": "LLaDA 2.x (mixture-of-experts, block diffusion) is not implemented natively",
+    "llada_moe": "LLaDA-MoE is not implemented natively",
+}
 
 
 @dataclass
@@ -135,6 +142,11 @@ def _family_or_masked_lm(path: Path, raw: dict, trust_remote_code: bool
                          ) -> tuple[type[FamilyConfig], type[nn.Module]] | None:
     """The native family of config.json, None for a transformers masked LM, else ModelLoadError."""
     family = native_family(raw)
+    why = UNSUPPORTED_MODEL_TYPES.get(str(raw.get("model_type", "")).lower())
+    if family is None and why:
+        raise ModelLoadError(f"{path / CONFIG_FILE}: model_type {raw.get('model_type')!r} (architectures "
+                             f"{raw.get('architectures')}): {why}. Supported architectures: "
+                             f"{', '.join(a for c, _ in NATIVE_FAMILIES for a in c.architectures)}")
     if family is not None or is_masked_lm_config(raw, trust_remote_code):
         return family
     raise ModelLoadError(f"{path / CONFIG_FILE}: unknown model_type {raw.get('model_type')!r} "
@@ -291,8 +303,7 @@ def _save_tokenizer(tokenizer: Tokenizer | str | Path, out: Path) -> None:
         return
     src = Path(tokenizer)
     src_dir = src.parent if src.is_file() else src
-    if not (src_dir / TOKENIZER_FILE).is_file():
-        raise ModelLoadError(f"missing tokenizer file {src_dir / TOKENIZER_FILE}")
-    for name in (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, CHAT_TEMPLATE_FILE):
+    Tokenizer.from_dir(src_dir)  # refuses a directory without a loadable tokenizer, naming the files
+    for name in (TOKENIZER_FILE, VOCAB_FILE, MERGES_FILE, TOKENIZER_CONFIG_FILE, CHAT_TEMPLATE_FILE):
         if (src_dir / name).is_file() and (src_dir / name).resolve() != (out / name).resolve():
             shutil.copyfile(src_dir / name, out / name)

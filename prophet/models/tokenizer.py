@@ -7,13 +7,19 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import tokenizers
-from tokenizers import AddedToken, decoders, models
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 
 from prophet.models.errors import ModelLoadError
 
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"   # newer transformers write the template here
+VOCAB_FILE = "vocab.json"                    # the slow byte-level BPE layout (Qwen2: Dream, DiffuCoder)
+MERGES_FILE = "merges.txt"
+# Qwen2's pre-tokenizer split (transformers' tokenization_qwen2.PRETOKENIZE_REGEX): contractions,
+# letter runs with one leading non-letter, single digits, punctuation runs, newlines, whitespace.
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 # Character tokenizer: specials first (their ids are fixed by this order), then printable ASCII and "\n".
 CHAR_SPECIALS = {"pad": "<pad>", "mask": "<mask>", "eos": "<eos>", "eot": "<eot>", "bos": "<bos>", "unk": "<unk>"}
@@ -37,17 +43,21 @@ class Tokenizer:
 
     @classmethod
     def from_dir(cls, path: str | Path) -> "Tokenizer":
-        """Load tokenizer.json (required), tokenizer_config.json and chat_template.jinja (optional)."""
+        """Load tokenizer.json, or the slow vocab.json + merges.txt layout, with tokenizer_config.json
+        and chat_template.jinja (optional; the .jinja file wins over a template in the config, as in
+        transformers)."""
         path = Path(path)
-        file = path / TOKENIZER_FILE
-        if not file.is_file():
-            raise ModelLoadError(f"missing tokenizer file {file} (a fast tokenizer's tokenizer.json is "
-                                 "required; convert other formats with transformers' save_pretrained)")
         config_file = path / TOKENIZER_CONFIG_FILE
         config = json.loads(config_file.read_text()) if config_file.is_file() else {}
         template_file = path / CHAT_TEMPLATE_FILE
         template = template_file.read_text() if template_file.is_file() else None
-        return cls(tokenizers.Tokenizer.from_file(str(file)), config, template)
+        file = path / TOKENIZER_FILE
+        if file.is_file():
+            return cls(tokenizers.Tokenizer.from_file(str(file)), config, template)
+        if (path / VOCAB_FILE).is_file() and (path / MERGES_FILE).is_file():
+            return cls(byte_level_bpe(path / VOCAB_FILE, path / MERGES_FILE, config), config, template)
+        raise ModelLoadError(f"missing tokenizer file {file} (a fast tokenizer's tokenizer.json, or the "
+                             f"byte-level BPE pair {VOCAB_FILE} + {MERGES_FILE}, is required)")
 
     def save(self, out_dir: str | Path) -> None:
         """Write tokenizer.json and tokenizer_config.json (with the chat template) into out_dir."""
@@ -90,6 +100,57 @@ class Tokenizer:
     def _template_tokens(self) -> dict[str, str]:
         names = ("bos", "eos", "unk", "pad", "mask", "sep", "cls")
         return {f"{n}_token": t for n in names if (t := self.special_token(n)) is not None}
+
+
+def has_chat_template(path: str | Path) -> bool:
+    """Whether a model directory ships a chat template (chat_template.jinja, or tokenizer_config.json's
+    "chat_template"), read from the files alone: any family, no tokenizer built."""
+    path = Path(path)
+    if (path / CHAT_TEMPLATE_FILE).is_file():
+        return True
+    config_file = path / TOKENIZER_CONFIG_FILE
+    try:
+        config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{config_file} is not valid JSON ({e})") from None
+    return bool(_config_template(config))
+
+
+def byte_level_bpe(vocab_file: Path, merges_file: Path, config: dict) -> tokenizers.Tokenizer:
+    """The Qwen2 byte-level BPE tokenizer from its slow files, as transformers' Qwen2Tokenizer builds it:
+    NFC, Qwen2's split pattern then byte-level mapping, byte-level decoding, and tokenizer_config.json's
+    added_tokens_decoder tokens at their ids."""
+    try:
+        vocab, merges = models.BPE.read_file(str(vocab_file), str(merges_file))
+    except Exception as e:  # tokenizers raises its own error type for malformed files
+        raise ModelLoadError(f"{vocab_file} / {merges_file} are not a BPE vocabulary and merges ({e})") from None
+    inner = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, dropout=None, unk_token=None,
+                                            continuing_subword_prefix="", end_of_word_suffix="",
+                                            fuse_unk=False, byte_fallback=False))
+    inner.normalizer = normalizers.NFC()
+    inner.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    inner.decoder = decoders.ByteLevel()
+    _add_tokens_at_ids(inner, config.get("added_tokens_decoder") or {}, vocab_file.parent / TOKENIZER_CONFIG_FILE)
+    return inner
+
+
+def _add_tokens_at_ids(inner: tokenizers.Tokenizer, decoder: dict, source: Path) -> None:
+    """Add added_tokens_decoder's tokens in id order and check each landed on its recorded id."""
+    for key, spec in sorted(decoder.items(), key=lambda kv: int(kv[0])):
+        want, text = int(key), spec["content"]
+        token = AddedToken(text, single_word=spec.get("single_word", False), lstrip=spec.get("lstrip", False),
+                           rstrip=spec.get("rstrip", False), normalized=spec.get("normalized", False),
+                           special=spec.get("special", True))
+        if spec.get("special", True):
+            inner.add_special_tokens([token])
+        else:
+            inner.add_tokens([token])
+        got = inner.token_to_id(text)
+        if got != want:
+            raise ModelLoadError(f"{source}: added token {text!r} is recorded at id {want} but lands at {got} "
+                                 "(added_tokens_decoder must continue the vocabulary without gaps)")
 
 
 def _token_text(value: Any) -> str | None:
