@@ -19,7 +19,7 @@ from pipeline.config import JobConfig, JobConfigError, read_yaml, set_dotted, va
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_JOB = Path(__file__).resolve().parent / "data" / "default_job.yaml"
-SECTIONS = ("input", "output", "model", "decoding", "execution")
+SECTIONS = ("input", "output", "model", "decoding", "execution", "storage")
 FLAG_NAMES = {
     "input.path": "input", "input.format": "input-format", "input.limit": "limit",
     "output.dir": "output", "output.overwrite": "overwrite",

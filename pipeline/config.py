@@ -169,6 +169,14 @@ class ExecutionConfig(_Section):
                                       "the job; unset = cores + 1 (one spare for read/write tasks).")
 
 
+class StorageConfig(_Section):
+    """Object storage for s3:// paths (input.path, output.dir)."""
+
+    s3_endpoint: Optional[str] = Field(None, description="S3 endpoint URL for s3:// paths (MinIO, Ceph, "
+                                       "e.g. 'http://10.0.0.5:9000'); unset = AWS_ENDPOINT_URL_S3 / "
+                                       "AWS_ENDPOINT_URL, else AWS. Credentials: the usual AWS_* variables.")
+
+
 class JobConfig(_Section):
     """A generation job: input -> model + decoding -> Parquet output."""
 
@@ -177,6 +185,7 @@ class JobConfig(_Section):
     model: ModelConfig = Field(description=ModelConfig.__doc__)
     decoding: DecodingConfig = Field(default_factory=DecodingConfig, description=DecodingConfig.__doc__)  # type: ignore[valid-type]
     execution: ExecutionConfig = Field(default_factory=ExecutionConfig, description=ExecutionConfig.__doc__)
+    storage: StorageConfig = Field(default_factory=StorageConfig, description=StorageConfig.__doc__)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "JobConfig":
@@ -286,5 +295,5 @@ def read_yaml(path: Path) -> dict:
         return {}
     if not isinstance(tree, dict):
         raise JobConfigError(f"{path}: the top level must be a mapping of sections "
-                             "(input, output, model, decoding, execution)")
+                             "(input, output, model, decoding, execution, storage)")
     return tree

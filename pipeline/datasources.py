@@ -9,14 +9,15 @@ from ray.data.block import Block, BlockAccessor, BlockMetadata
 from ray.data.datasource import Datasink, Datasource, FileBasedDatasource, ReadTask
 
 from pipeline import io as pio
-from pipeline import output
+from pipeline import output, storage
 
 
 class FileDatasource(FileBasedDatasource):
     """A per-file reader of `pipeline.io` behind Ray Data's file listing and read tasks."""
 
     def __init__(self, path: str, *, fmt: str, prompt_column: str, file_extensions: Sequence[str]):
-        super().__init__(path, file_extensions=list(file_extensions))
+        fs, inner = storage.filesystem(path)  # s3:// with the configured endpoint, carried to read tasks
+        super().__init__(inner, filesystem=fs, file_extensions=list(file_extensions))
         self._fmt, self._prompt_column, self._root = fmt, prompt_column, pio.normalize_root(path)
 
     def _open_input_source(self, filesystem: Any, path: str, **open_args: Any) -> Any:
@@ -75,8 +76,10 @@ class PartSink(Datasink):
 
     def __init__(self, out_dir: str, run_id: str, min_rows_per_file: int | None = None):
         self._out_dir, self._run_id, self._min_rows = out_dir, run_id, min_rows_per_file
+        self._endpoint = storage.endpoint()  # the driver's S3 endpoint, for write tasks on other hosts
 
     def write(self, blocks: Iterable[Block], ctx: Any) -> dict:
+        storage.use_endpoint(self._endpoint)
         tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
         tables = [t for t in tables if t.num_rows]
         if not tables:

@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline import storage
 from pipeline.config import InputConfig, JobConfigError
 from pipeline.schema import INPUT_ERROR, OUTPUT_COLUMNS, passthrough_name
 
@@ -38,10 +39,15 @@ def detect_format(cfg: InputConfig) -> str:
     """The input format: the configured one, or decided from the path ('hf' for a saved dataset)."""
     if cfg.format != "auto":
         return cfg.format
-    path = Path(cfg.path)
-    if path.is_dir() and any((path / m).is_file() for m in HF_MARKERS):
-        return "hf"
-    names = [str(p) for p in input_files_any(path)]
+    if storage.is_remote(cfg.path):
+        names = storage.list_files(cfg.path)
+        if not names:
+            raise JobConfigError(f"input.path: no files under {cfg.path}")
+    else:
+        path = Path(cfg.path)
+        if path.is_dir() and any((path / m).is_file() for m in HF_MARKERS):
+            return "hf"
+        names = [str(p) for p in input_files_any(path)]
     for fmt, exts in EXTENSIONS.items():
         if names and all(n.endswith(exts) for n in names):
             return fmt
@@ -248,14 +254,27 @@ def peek(cfg: InputConfig, fmt: str, max_files: int = 64) -> pa.Schema:
         if hf_num_rows(cfg.path) == 0:
             raise JobConfigError(f"input.path: {cfg.path} has no rows")
         return next(read_hf_range(cfg.path, 0, 1)).schema
-    files = input_files(Path(cfg.path), fmt)
+    if fmt == "hf" and storage.is_remote(cfg.path):
+        raise JobConfigError(f"input.path: a saved `datasets` directory must be local ({cfg.path}); "
+                             "export it to Parquet for object storage")
+    fs, files = _input_files_fs(cfg.path, fmt)
     for file in files[:max_files]:
-        with open(file, "rb") as fh:
-            raw: Any = _maybe_gunzip(fh, file)
-            for table in read_file(fmt, raw, file.name, cfg.prompt_column):
+        with fs.open_input_file(file) as fh:
+            raw: Any = _maybe_gunzip(fh, Path(file))
+            for table in read_file(fmt, raw, Path(file).name, cfg.prompt_column):
                 if table.num_rows:
                     return table.schema
     raise JobConfigError(f"input.path: {cfg.path} has no rows (looked at {min(len(files), max_files)} files)")
+
+
+def _input_files_fs(path: str, fmt: str) -> tuple[Any, list[str]]:
+    """(file system, the input's files of `fmt` as paths inside it), local or object storage."""
+    if not storage.is_remote(path):
+        return storage.filesystem(path)[0], [str(p) for p in input_files(Path(path), fmt)]
+    files = [f for f in storage.list_files(path) if f.endswith(EXTENSIONS[fmt])]
+    if not files:
+        raise JobConfigError(f"input.path: no {fmt} files ({', '.join(EXTENSIONS[fmt])}) under {path}")
+    return storage.filesystem(path)[0], files
 
 
 def _maybe_gunzip(fh: IO[bytes], file: Path) -> IO[bytes]:
@@ -283,9 +302,11 @@ def check_parquet_files(cfg: InputConfig) -> pa.Schema:
     column missing from some files, or all-null in some, is fine (the union gives it one type).
     """
     schemas: dict[Path, pa.Schema] = {}
-    for file in input_files(Path(cfg.path), "parquet"):
+    fs, files = _input_files_fs(cfg.path, "parquet")
+    for name in files:
+        file = Path(name)
         try:
-            schemas[file] = pq.read_schema(file)
+            schemas[file] = pq.read_schema(name, filesystem=fs)
         except (pa.ArrowInvalid, OSError) as e:
             raise JobConfigError(f"input.path: {file} is not a readable Parquet file ({e}); "
                                  "remove or replace it") from None
@@ -349,12 +370,13 @@ def _id_chunks(cfg: InputConfig, fmt: str, name: str) -> Iterator[pa.Array]:
         column = datasets.load_from_disk(cfg.path).select_columns([name]).with_format("arrow")[:][name]
         yield from pc.cast(column, pa.string()).chunks
         return
-    for file in input_files(Path(cfg.path), fmt):
-        with open(file, "rb") as fh:
+    fs, files = _input_files_fs(cfg.path, fmt)
+    for file in files:
+        with fs.open_input_file(file) as fh:
             if fmt == "parquet":
                 tables: Iterator[Any] = pq.ParquetFile(fh).iter_batches(columns=[name])
             else:
-                tables = read_file(fmt, _maybe_gunzip(fh, file), file.name, cfg.prompt_column)
+                tables = read_file(fmt, _maybe_gunzip(fh, Path(file)), Path(file).name, cfg.prompt_column)
             for t in tables:
                 if name in t.schema.names:
                     column = pc.cast(t.column(name), pa.string())

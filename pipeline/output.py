@@ -9,7 +9,6 @@ of the visible files and skips those ids.
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 import uuid
@@ -20,6 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from pipeline import storage
 from pipeline.config import JobConfigError
 from pipeline.schema import MANIFEST, OUTPUT_COLUMNS, OUTPUT_SCHEMA
 
@@ -29,9 +29,7 @@ PART_NAME = re.compile(r"part-.+-\d{6}\.parquet")  # what part_name() makes
 
 def filesystem(out_dir: str) -> tuple[pafs.FileSystem, str]:
     """(file system, path inside it) of an output directory: a local path or a URI (s3://...)."""
-    if "://" in out_dir:
-        return pafs.FileSystem.from_uri(out_dir)
-    return pafs.LocalFileSystem(), os.path.abspath(out_dir)
+    return storage.filesystem(out_dir)
 
 
 def new_run_id() -> str:

@@ -19,7 +19,6 @@ import platform
 import socket
 import sys
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -27,13 +26,11 @@ from typing import Any, Callable
 import pyarrow as pa
 
 from pipeline import io as pio
-from pipeline import output
+from pipeline import output, storage
 from pipeline.actor import ActorSpec
-from pipeline.config import JobConfig, JobConfigError, settings_hash
+from pipeline.config import JobConfig, JobConfigError
+from pipeline.stage import NOT_IN_SETTINGS, DecodeStage, StageConfig, StagePlan, plan_stage  # noqa: F401
 
-# DecodeConfig fields that change how fast rows decode, never what they decode to (the core
-# guarantees batch-independence), so a resumed job may change them.
-NOT_IN_SETTINGS = ("batch_size", "continuous")
 VERSIONED = ("prophet-dlm", "torch", "ray", "deepspeed", "pyarrow", "datasets", "pydantic", "tokenizers",
              "safetensors", "transformers")
 
@@ -95,70 +92,32 @@ class Summary:
 
 def plan_job(cfg: JobConfig) -> Plan:
     """Validate everything that can be checked without Ray; raise JobConfigError naming the field."""
+    storage.use_endpoint(cfg.storage.s3_endpoint)
+    storage.check_bucket(cfg.input.path, "input.path")
+    storage.check_bucket(cfg.output.dir, "output.dir")
     _check_paths(cfg)
     fmt = pio.detect_format(cfg.input)
     schema = None
-    if fmt == "parquet" and "://" not in cfg.input.path:
+    if fmt == "parquet":
         schema = pio.check_parquet_files(cfg.input)
     pio.check_columns(cfg.input, pio.peek(cfg.input, fmt))
-    if "://" not in cfg.input.path:
-        pio.check_unique_ids(cfg.input, fmt)
-    host, anchor_ids = _model_facts(cfg)
-    template = _uses_template(cfg)
-    decode = cfg.decode_config(host, anchor_ids).to_dict()
-    settings = {"decode": {k: v for k, v in decode.items() if k not in NOT_IN_SETTINGS},
-                "model": Path(cfg.model.dir).resolve().name, "model_files": _model_fingerprint(cfg.model.dir),
-                "dtype": cfg.dtype, "seed": cfg.execution.seed,
-                "prompt": cfg.input.messages_column and f"messages:{cfg.input.messages_column}"
-                or f"prompt:{cfg.input.prompt_column}" + (" chat_template" if template else "")}
-    return Plan(cfg, fmt, decode, settings, settings_hash(settings), _input_fingerprint(cfg.input.path), schema,
-                template, _token_ids(cfg.model.dir))
-
-
-def _uses_template(cfg: JobConfig) -> bool:
-    """Whether plain prompts are rendered through the chat template: input.chat_template resolved
-    against the model directory ('auto': where it ships one)."""
-    from prophet.models import ModelLoadError
-    from prophet.models.tokenizer import has_chat_template
-
-    mode = cfg.input.chat_template
-    if cfg.input.messages_column or mode == "never":
-        return False
-    try:
-        found = has_chat_template(cfg.model.dir)
-    except ModelLoadError as e:
-        raise JobConfigError(f"model.dir: {e}") from None
-    if mode == "always" and not found:
-        raise JobConfigError(f"input.chat_template: 'always', but {cfg.model.dir} has no chat template "
-                             "(tokenizer_config.json 'chat_template' or chat_template.jinja); use 'never'")
-    return found
-
-
-def _token_ids(model_dir: str) -> dict:
-    """The special ids decoding uses, from config.json (a native family's, never the tokenizer's pad,
-    which may differ: DiffuCoder pads with 151667 in its tokenizer and 151643 in config.json).
-    Empty for transformers masked LMs, whose ids come from their tokenizer inside the actor."""
-    from prophet.models.loading import native_family, read_config
-
-    raw = read_config(Path(model_dir))
-    family = native_family(raw)
-    if family is None:
-        return {}
-    c = family[0].from_dict(raw)
-    return {"mask": c.mask_token_id, "pad": c.pad_token_id, "eos": c.eos_token_id, "eot": c.eot_token_id}
+    pio.check_unique_ids(cfg.input, fmt)
+    sp = plan_stage(cfg)
+    return Plan(cfg, fmt, sp.decode, sp.settings, sp.settings_hash, _input_fingerprint(cfg.input.path), schema,
+                sp.chat_template, sp.token_ids)
 
 
 def _check_paths(cfg: JobConfig) -> None:
     """The output may not be the input, inside it, or hold it (nothing in the input is ever touched)."""
     if "://" in cfg.output.dir or "://" in cfg.input.path:
+        if cfg.output.dir.rstrip("/") == cfg.input.path.rstrip("/"):
+            raise JobConfigError(f"output.dir: {cfg.output.dir} is the input; choose another prefix")
         return
     out, inp = Path(cfg.output.dir).resolve(), Path(cfg.input.path).resolve()
     if out == inp or inp in out.parents:
         raise JobConfigError(f"output.dir: {cfg.output.dir} is the input or inside it; choose another directory")
     if out in inp.parents:
         raise JobConfigError(f"output.dir: {cfg.output.dir} holds the input {cfg.input.path}; choose another directory")
-    if not Path(cfg.model.dir).is_dir():
-        raise JobConfigError(f"model.dir: no such directory {cfg.model.dir}")
 
 
 def _model_facts(cfg: JobConfig) -> tuple[str, tuple[int, ...]]:
@@ -204,9 +163,12 @@ def _model_fingerprint(model_dir: str, sample: int = 1 << 20) -> str:
 
 
 def _input_fingerprint(path: str) -> str | None:
-    """Hash of the input files' names, sizes and modification times; None for remote inputs."""
-    if "://" in path:
-        return None
+    """Hash of the input files' names, sizes and modification times (local or object storage)."""
+    if storage.is_remote(path):
+        fs, base = storage.filesystem(path)
+        infos = fs.get_file_info(storage.list_files(path))
+        items = [(i.path[len(base):].lstrip("/") or i.base_name, i.size, i.mtime_ns) for i in infos]
+        return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:16]
     root = Path(path)
     files = pio.input_files_any(root)
     items = [(str(p.relative_to(root)) if p != root else p.name, p.stat().st_size, p.stat().st_mtime_ns)
@@ -319,23 +281,21 @@ def resolve_resources(cfg: JobConfig, cluster: dict, node_cpus: float | None = N
     return Resources(cpus=cpus, gpus=ex.gpus_per_actor, threads=max(1, round(cpus)))
 
 
+def decode_stage(plan: Plan, res: Resources) -> DecodeStage:
+    """The job's decode stage: the one users put in their own Ray Data pipelines (pipeline.stage),
+    given this job's plan and resources; the job's reader has already assigned the ids."""
+    return DecodeStage(StageConfig.from_job(plan.cfg), StagePlan(plan.decode, plan.settings, plan.settings_hash,
+                                                                     plan.chat_template, plan.token_ids),
+                       assign_ids=False, resources=res)
+
+
 def actor_spec(plan: Plan, res: Resources) -> ActorSpec:
     """The actor's instructions."""
-    cfg = plan.cfg
-    return ActorSpec(model_dir=str(Path(cfg.model.dir).resolve()) if "://" not in cfg.model.dir else cfg.model.dir,
-                     dtype=cfg.dtype, engine=cfg.model.engine, device="cuda" if res.gpus > 0 else "cpu",
-                     decode=plan.decode, seed=cfg.execution.seed, settings_hash=plan.settings_hash,
-                     prompt_column=cfg.input.prompt_column, messages_column=cfg.input.messages_column,
-                     chat_template=plan.chat_template, id_column=cfg.input.id_column, threads=res.threads, allow_pickle=cfg.model.allow_pickle,
-                     trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision,
-                     drop_columns=(pio.ROW_KEY,))
+    return decode_stage(plan, res).actor_spec()
 
 
-def build_dataset(plan: Plan, spec: ActorSpec, res: Resources, done: Any, run_id: str):
-    """read -> ids, drop done -> (limit) -> blocks -> actors -> (dataset, sink); nothing runs yet."""
-    import ray.data
-
-    from pipeline.actor import GenerateActor
+def build_dataset(plan: Plan, res: Resources, done: Any, run_id: str):
+    """read -> ids, drop done -> (limit) -> the decode stage -> (dataset, sink); nothing runs yet."""
     from pipeline.datasources import PartSink, read_dataset
 
     cfg = plan.cfg
@@ -344,18 +304,7 @@ def build_dataset(plan: Plan, spec: ActorSpec, res: Resources, done: Any, run_id
                         fn_kwargs={"id_column": cfg.input.id_column, "done": done, "schema": plan.input_schema})
     if cfg.input.limit:
         ds = ds.limit(cfg.input.limit)
-    ds = ds.repartition(target_num_rows_per_block=cfg.rows_per_block)
-    ex = cfg.execution
-    remote: dict[str, Any] = {"num_cpus": res.cpus, "max_restarts": ex.max_restarts,
-                              "max_task_retries": ex.max_task_retries}
-    if res.gpus:
-        remote["num_gpus"] = res.gpus
-    with warnings.catch_warnings():
-        # max_restarts/max_task_retries have no named parameter in Ray 2.60 (only ray_remote_args)
-        warnings.filterwarnings("ignore", message=".*ray_remote_args. is deprecated")
-        ds = ds.map_batches(GenerateActor, fn_constructor_kwargs={"spec": spec}, batch_size=ex.batch_size,
-                            batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=ex.actors), **remote)
-    return ds, PartSink(cfg.output.dir, run_id, ex.rows_per_file)
+    return decode_stage(plan, res)(ds), PartSink(cfg.output.dir, run_id, cfg.execution.rows_per_file)
 
 
 def configure_data_context(cfg: JobConfig) -> None:
@@ -461,7 +410,7 @@ def run(cfg: JobConfig, log: Callable[[str], None] = print) -> Summary:
         configure_data_context(cfg)
         try:
             reserve_pool(cfg, cluster, res)
-            ds, sink = build_dataset(plan, actor_spec(plan, res), res, done, run_id)
+            ds, sink = build_dataset(plan, res, done, run_id)
             execute(ds, sink, cfg, cluster, res)
         except BaseException as e:
             _mark_failed(out, manifest, e)

@@ -15,5 +15,5 @@ echo "setting up $venv (first run takes a few minutes)" >&2
 "$venv/bin/python" -m pip install -q --upgrade pip
 # torch first, pinned: the CPU wheel on this machine (or the registry's, elsewhere).
 "$venv/bin/python" -m pip install -q "torch==2.13.0"
-"$venv/bin/python" -m pip install -q -c "$root/constraints.txt" -e "$root[pipeline,hf,lmeval,dev]"
+"$venv/bin/python" -m pip install -q -c "$root/constraints.txt" -e "$root[pipeline,hf,lmeval,dev,test]"
 echo "$stamp_want" > "$venv/.prophet-stamp"

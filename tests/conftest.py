@@ -16,6 +16,11 @@ SHIPPED_LLADA = ROOT / "checkpoints" / "tiny-llada"
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Dummy credentials for the local S3 test server (tests/test_storage_s3.py), set before any Ray starts
+# so its workers inherit them; they never reach AWS (every S3 test names a 127.0.0.1 endpoint).
+for _key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+    os.environ.setdefault(_key, "testing")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 
 
 @pytest.fixture(scope="session")
