@@ -89,7 +89,7 @@ DECODE_DESCRIPTIONS: dict[str, str] = {
              "the positions after it, as of the block's first step); needs a native model.",
     "cache_refresh_every": "With a cache, also recompute every position every k steps inside a block; "
                            "unset = only at each block's first step.",
-    "temperature": "0 = argmax; > 0 samples (float64 Gumbel-max for LLaDA).",
+    "temperature": "0 = argmax; > 0 samples (Gumbel-max for LLaDA, from counter-based uniforms of (row seed, step, position, token)).",
     "remasking": "LLaDA: which masked positions to commit each step.",
     "cfg_scale": "Classifier-free guidance scale; 0 = off.",
     "logits_eos_inf": "LLaDA: forbid EOS by setting its logit to -inf.",

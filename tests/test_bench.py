@@ -119,3 +119,15 @@ def test_bench_gpu_section_runs_the_tiny_model_on_cpu():
 def test_bench_gpu_section_refuses_llada_8b_without_a_gpu():
     with pytest.raises(SystemExit, match="GPU"):
         load_job("bench").main(["--section", "gpu"])
+
+
+def test_bench_memory_section_measures_every_host_temperature_and_rule():
+    # small shapes: the child process, VmHWM reset and table run for real; the target is checked
+    # at the real vocabulary by the benchmark, not here
+    out = load_job("bench").main(["--section", "memory", "--memory-rows", "2", "--memory-window", "32",
+                                  "--memory-steps", "2", "--memory-vocab", "1024"])["memory"]
+    cases = {(c["host"], c["temperature"], c["rule"]) for c in out["cases"]}
+    assert cases == {(h, t, r) for h in ("llada", "dream") for t in (0.0, 0.7) for r in ("full", "prophet")}
+    assert out["logits_mb"] == 2 * 32 * 1024 * 2 / 2**20
+    assert all(c["peak_mb"] > 0 for c in out["cases"])
+    assert out["peak_over_logits"] == max(c["peak_over_logits"] for c in out["cases"])
