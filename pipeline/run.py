@@ -20,7 +20,7 @@ import socket
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -86,7 +86,16 @@ class Summary:
         """A few lines for people."""
         return (f"{self.status}: {self.rows} rows written ({self.ok} ok, {self.errors} errors), {self.skipped} "
                 f"already done; {self.output} holds {self.total_rows} rows, {self.unique_ids} distinct ids\n"
-                f"wall {self.wall_s:.1f}s, {self.rows_per_s:.2f} rows/s, settings {self.settings_hash}")
+                f"wall {self.wall_s:.1f}s, {self.rows_per_s:.2f} rows/s, settings {self.settings_hash}"
+                + self._fallback_text())
+
+    def _fallback_text(self) -> str:
+        """A line on batches decoded row by row (a slow path that must not stay silent), or nothing."""
+        fb = self.extra.get("batch_fallbacks") or {}
+        if not fb.get("batches"):
+            return ""
+        return (f"\n{fb['batches']} batches ({fb['rows']} rows) fell back to row-by-row decoding; "
+                f"first error: {fb['first_error']}")
 
 
 # ----------------------------------------------------------------------------- before Ray
@@ -424,8 +433,11 @@ def run(cfg: JobConfig, log: Callable[[str], None] = print) -> Summary:
         configure_data_context(cfg)
         try:
             reserve_pool(cfg, cluster, res)
-            ds, sink = build_dataset(plan, actor_spec(plan, res), res, done, run_id)
+            counter = start_fallback_counter(run_id)
+            spec = replace(actor_spec(plan, res), fallback_counter=f"prophet-fallbacks-{run_id}")
+            ds, sink = build_dataset(plan, spec, res, done, run_id)
             execute(ds, sink, cfg, cluster, res)
+            fallbacks = ray.get(counter.report.remote())
         except BaseException as e:
             _mark_failed(out, manifest, e)
             raise
@@ -440,10 +452,20 @@ def run(cfg: JobConfig, log: Callable[[str], None] = print) -> Summary:
     counts = output.count_rows(out, run_id=run_id)
     status = "partial" if cfg.input.limit else "complete"
     summary = Summary(out, counts["run_rows"], counts["run_ok"], counts["run_rows"] - counts["run_ok"], len(done),
-                      counts["rows"], counts["unique_ids"], time.time() - t0, status, plan.settings_hash, run_id)
+                      counts["rows"], counts["unique_ids"], time.time() - t0, status, plan.settings_hash, run_id,
+                      extra={"batch_fallbacks": fallbacks})
     _finish_manifest(manifest, summary, counts)
     output.write_manifest(out, manifest)
     return summary
+
+
+def start_fallback_counter(run_id: str) -> Any:
+    """The run's named FallbackCounter actor (no CPU, so it never takes a decode actor's place)."""
+    import ray
+
+    from pipeline.actor import FallbackCounter
+
+    return ray.remote(FallbackCounter).options(name=f"prophet-fallbacks-{run_id}", num_cpus=0).remote()
 
 
 def _manifest(plan: Plan, old: dict | None, run_id: str, t0: float, cluster: dict, res: Resources) -> dict:
@@ -475,9 +497,11 @@ def _manifest(plan: Plan, old: dict | None, run_id: str, t0: float, cluster: dic
 def _finish_manifest(manifest: dict, s: Summary, counts: dict) -> None:
     end = time.time()
     manifest["runs"][-1].update({"ended_at": end, "wall_s": round(s.wall_s, 3), "rows": s.rows, "ok": s.ok,
-                                 "errors": s.errors, "skipped": s.skipped, "status": s.status})
+                                 "errors": s.errors, "skipped": s.skipped, "status": s.status,
+                                 "batch_fallbacks": s.extra.get("batch_fallbacks")})
     manifest.update({"status": s.status, "ended_at": end, "ended_at_iso": _iso(end), "wall_s": round(s.wall_s, 3),
-                     "rows": {k: counts[k] for k in ("rows", "ok", "errors", "unique_ids", "files")}})
+                     "rows": {k: counts[k] for k in ("rows", "ok", "errors", "unique_ids", "files")},
+                     "batch_fallbacks": s.extra.get("batch_fallbacks")})
 
 
 def _mark_failed(out: str, manifest: dict, e: BaseException) -> None:
