@@ -16,10 +16,13 @@ import json
 import math
 import os
 import platform
+import signal
 import socket
 import sys
+import threading
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -40,6 +43,35 @@ VERSIONED = ("prophet-dlm", "torch", "ray", "deepspeed", "pyarrow", "datasets", 
 
 class PipelineError(RuntimeError):
     """The job could not run to the end; the message says why and what to change."""
+
+
+class Interrupted(BaseException):
+    """SIGTERM reached the driver (a scheduler's warning before it kills): stop, keep what is written.
+
+    A BaseException, like KeyboardInterrupt, so that no `except Exception` on the way swallows it.
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"interrupted by {signal.Signals(signum).name}; the parts written so far are kept, "
+                         "parts in flight are discarded; rerun the same command to resume")
+        self.signum = signum
+
+
+@contextmanager
+def _sigterm_interrupts():
+    """Within the block, SIGTERM raises Interrupted in the main thread (elsewhere signals cannot be caught)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, _frame: Any) -> None:
+        raise Interrupted(signum)
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @dataclass
@@ -420,9 +452,37 @@ def run(cfg: JobConfig, log: Callable[[str], None] = print) -> Summary:
             + (f", {removed} partial parts of a killed run removed" if removed else ""))
     log(f"job checked in {time.time() - t0:.1f}s: {plan.fmt} input {cfg.input.path}, model {cfg.model.dir}, "
         f"settings {plan.settings_hash}")
+    manifest, fallbacks = _run_on_ray(plan, done, run_id, t0, old, log)
+    try:
+        if rewritten := output.harmonize_parts(out):
+            log(f"{out}: {rewritten} parts given the columns other parts have (inputs differ in their keys)")
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:  # the rows are complete; only one-schema readers mind
+        log(f"{out}: parts differ in column types and were left as they are ({e})")
+    counts = output.count_rows(out, run_id=run_id)
+    status = "partial" if cfg.input.limit else "complete"
+    summary = Summary(out, counts["run_rows"], counts["run_ok"], counts["run_rows"] - counts["run_ok"], len(done),
+                      counts["rows"], counts["unique_ids"], time.time() - t0, status, plan.settings_hash, run_id,
+                      extra={"batch_fallbacks": fallbacks})
+    _finish_manifest(manifest, summary, counts)
+    output.write_manifest(out, manifest)
+    return summary
+
+
+def _run_on_ray(plan: Plan, done: Any, run_id: str, t0: float, old: dict | None,
+                log: Callable[[str], None]) -> tuple[dict, dict]:
+    """Connect to Ray, then decode with SIGTERM turned into Interrupted; (manifest, fallback report)."""
+    started = connect_ray(plan.cfg)
+    # after ray.init, which installs its own SIGTERM handler (it aborts the driver without a word)
+    with _sigterm_interrupts():
+        return _decode_all(plan, done, run_id, t0, old, log, started)
+
+
+def _decode_all(plan: Plan, done: Any, run_id: str, t0: float, old: dict | None, log: Callable[[str], None],
+                started: bool) -> tuple[dict, dict]:
+    """Write the running manifest, decode everything, stop a Ray this run started; (manifest, fallbacks)."""
     import ray
 
-    started = connect_ray(cfg)
+    cfg, out = plan.cfg, plan.cfg.output.dir
     try:
         cluster = {k: float(v) for k, v in ray.cluster_resources().items()}
         res = resolve_resources(cfg, cluster, _largest_node_cpus())
@@ -444,19 +504,7 @@ def run(cfg: JobConfig, log: Callable[[str], None] = print) -> Summary:
     finally:
         if started:
             ray.shutdown()
-    try:
-        if rewritten := output.harmonize_parts(out):
-            log(f"{out}: {rewritten} parts given the columns other parts have (inputs differ in their keys)")
-    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:  # the rows are complete; only one-schema readers mind
-        log(f"{out}: parts differ in column types and were left as they are ({e})")
-    counts = output.count_rows(out, run_id=run_id)
-    status = "partial" if cfg.input.limit else "complete"
-    summary = Summary(out, counts["run_rows"], counts["run_ok"], counts["run_rows"] - counts["run_ok"], len(done),
-                      counts["rows"], counts["unique_ids"], time.time() - t0, status, plan.settings_hash, run_id,
-                      extra={"batch_fallbacks": fallbacks})
-    _finish_manifest(manifest, summary, counts)
-    output.write_manifest(out, manifest)
-    return summary
+    return manifest, fallbacks
 
 
 def start_fallback_counter(run_id: str) -> Any:
@@ -507,8 +555,9 @@ def _finish_manifest(manifest: dict, s: Summary, counts: dict) -> None:
 def _mark_failed(out: str, manifest: dict, e: BaseException) -> None:
     """Record a failed run in the manifest where the directory still takes it (a resume ignores the status)."""
     reason = str(e).splitlines()[0][:500] if str(e) else type(e).__name__
-    manifest["runs"][-1].update({"ended_at": time.time(), "status": "failed", "error": reason})
-    manifest["status"] = "failed"
+    status = "interrupted" if isinstance(e, (Interrupted, KeyboardInterrupt)) else "failed"
+    manifest["runs"][-1].update({"ended_at": time.time(), "status": status, "error": reason})
+    manifest["status"] = status
     try:
         output.write_manifest(out, manifest)
     except OSError:
