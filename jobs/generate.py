@@ -24,13 +24,16 @@ def main(argv: list[str] | None = None) -> int:
         cfg = main_config(argv)
         if cfg is None:
             return 0
-        from pipeline.run import PipelineError, run
+        from pipeline.run import Interrupted, PipelineError, run
 
         try:
             summary = run(cfg, log=lambda line: print(line, flush=True))
         except PipelineError as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
+        except Interrupted as e:  # the manifest says "interrupted"; the same command resumes
+            print(f"error: {e}", file=sys.stderr)
+            return 128 + e.signum
     except JobConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

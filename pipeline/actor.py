@@ -42,6 +42,30 @@ class ActorSpec:
     trust_remote_code: bool = False
     revision: str | None = None
     drop_columns: tuple[str, ...] = field(default=())  # internal input columns never written
+    fallback_counter: str | None = None  # name of the run's FallbackCounter Ray actor, where there is one
+
+
+class FallbackCounter:
+    """Counts batches that failed whole and were retried row by row, with the first error seen.
+
+    A model that fails every batch would otherwise run quietly at batch size one; the driver
+    creates one of these per run (a named Ray actor, no CPU) and reports it in the summary and
+    the manifest. Plain class: the driver wraps it with `ray.remote`, tests use it directly.
+    """
+
+    def __init__(self) -> None:
+        self.batches = 0
+        self.rows = 0
+        self.first_error: str | None = None
+
+    def record(self, rows: int, error: str) -> None:
+        self.batches += 1
+        self.rows += rows
+        if self.first_error is None:
+            self.first_error = error
+
+    def report(self) -> dict:
+        return {"batches": self.batches, "rows": self.rows, "first_error": self.first_error}
 
 
 def row_seed(seed: int, row_id: str) -> int:
@@ -143,6 +167,7 @@ class GenerateActor:
         self.config = decode_config_from_dict(spec.decode)
         self.max_prompt = self.model.max_length - self.config.gen_length
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
+        self.fallbacks = FallbackCounter()  # this actor's own count; the run's is spec.fallback_counter
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         spec = self.spec
@@ -166,8 +191,9 @@ class GenerateActor:
             return {}
         try:
             return self._decode_some(rows, ids, todo)
-        except Exception:
+        except Exception as e:
             # one bad row must not take the others down: retry them one by one to isolate it
+            self._count_fallback(len(todo), f"{type(e).__name__}: {e}")
             out: dict[int, dict] = {}
             for i in todo:
                 try:
@@ -175,6 +201,18 @@ class GenerateActor:
                 except Exception as e:
                     out[i] = {"error": f"decode failed: {type(e).__name__}: {e}"}
             return out
+
+    def _count_fallback(self, rows: int, error: str) -> None:
+        """Count a batch that fell back to row by row, here and in the run's counter (never fails the batch)."""
+        error = error.splitlines()[0][:300] if error else "unknown error"
+        self.fallbacks.record(rows, error)
+        if self.spec.fallback_counter:
+            try:
+                import ray
+
+                ray.get_actor(self.spec.fallback_counter).record.remote(rows, error)
+            except Exception:
+                pass  # the count is a report; losing it must not lose rows
 
     def _decode_some(self, rows: list[Prepared], ids: list[str], todo: list[int]) -> dict[int, dict]:
         from prophet.decode import decode

@@ -16,9 +16,12 @@ import json
 import math
 import os
 import platform
+import signal
 import socket
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -37,6 +40,35 @@ VERSIONED = ("prophet-dlm", "torch", "ray", "deepspeed", "pyarrow", "datasets", 
 
 class PipelineError(RuntimeError):
     """The job could not run to the end; the message says why and what to change."""
+
+
+class Interrupted(BaseException):
+    """SIGTERM reached the driver (a scheduler's warning before it kills): stop, keep what is written.
+
+    A BaseException, like KeyboardInterrupt, so that no `except Exception` on the way swallows it.
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"interrupted by {signal.Signals(signum).name}; the parts written so far are kept, "
+                         "parts in flight are discarded; rerun the same command to resume")
+        self.signum = signum
+
+
+@contextmanager
+def _sigterm_interrupts():
+    """Within the block, SIGTERM raises Interrupted in the main thread (elsewhere signals cannot be caught)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, _frame: Any) -> None:
+        raise Interrupted(signum)
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @dataclass
@@ -85,7 +117,16 @@ class Summary:
         """A few lines for people."""
         return (f"{self.status}: {self.rows} rows written ({self.ok} ok, {self.errors} errors), {self.skipped} "
                 f"already done; {self.output} holds {self.total_rows} rows, {self.unique_ids} distinct ids\n"
-                f"wall {self.wall_s:.1f}s, {self.rows_per_s:.2f} rows/s, settings {self.settings_hash}")
+                f"wall {self.wall_s:.1f}s, {self.rows_per_s:.2f} rows/s, settings {self.settings_hash}"
+                + self._fallback_text())
+
+    def _fallback_text(self) -> str:
+        """A line on batches decoded row by row (a slow path that must not stay silent), or nothing."""
+        fb = self.extra.get("batch_fallbacks") or {}
+        if not fb.get("batches"):
+            return ""
+        return (f"\n{fb['batches']} batches ({fb['rows']} rows) fell back to row-by-row decoding; "
+                f"first error: {fb['first_error']}")
 
 
 # ----------------------------------------------------------------------------- before Ray
@@ -281,12 +322,12 @@ def resolve_resources(cfg: JobConfig, cluster: dict, node_cpus: float | None = N
     return Resources(cpus=cpus, gpus=ex.gpus_per_actor, threads=max(1, round(cpus)))
 
 
-def decode_stage(plan: Plan, res: Resources) -> DecodeStage:
+def decode_stage(plan: Plan, res: Resources, fallback_counter: str | None = None) -> DecodeStage:
     """The job's decode stage: the one users put in their own Ray Data pipelines (pipeline.stage),
     given this job's plan and resources; the job's reader has already assigned the ids."""
     return DecodeStage(StageConfig.from_job(plan.cfg), StagePlan(plan.decode, plan.settings, plan.settings_hash,
                                                                      plan.chat_template, plan.token_ids),
-                       assign_ids=False, resources=res)
+                       assign_ids=False, resources=res, fallback_counter=fallback_counter)
 
 
 def actor_spec(plan: Plan, res: Resources) -> ActorSpec:
@@ -294,7 +335,7 @@ def actor_spec(plan: Plan, res: Resources) -> ActorSpec:
     return decode_stage(plan, res).actor_spec()
 
 
-def build_dataset(plan: Plan, res: Resources, done: Any, run_id: str):
+def build_dataset(plan: Plan, res: Resources, done: Any, run_id: str, fallback_counter: str | None = None):
     """read -> ids, drop done -> (limit) -> the decode stage -> (dataset, sink); nothing runs yet."""
     from pipeline.datasources import PartSink, read_dataset
 
@@ -304,7 +345,7 @@ def build_dataset(plan: Plan, res: Resources, done: Any, run_id: str):
                         fn_kwargs={"id_column": cfg.input.id_column, "done": done, "schema": plan.input_schema})
     if cfg.input.limit:
         ds = ds.limit(cfg.input.limit)
-    return decode_stage(plan, res)(ds), PartSink(cfg.output.dir, run_id, cfg.execution.rows_per_file)
+    return decode_stage(plan, res, fallback_counter)(ds), PartSink(cfg.output.dir, run_id, cfg.execution.rows_per_file)
 
 
 def configure_data_context(cfg: JobConfig) -> None:
@@ -397,9 +438,37 @@ def run(cfg: JobConfig, log: Callable[[str], None] = print) -> Summary:
             + (f", {removed} partial parts of a killed run removed" if removed else ""))
     log(f"job checked in {time.time() - t0:.1f}s: {plan.fmt} input {cfg.input.path}, model {cfg.model.dir}, "
         f"settings {plan.settings_hash}")
+    manifest, fallbacks = _run_on_ray(plan, done, run_id, t0, old, log)
+    try:
+        if rewritten := output.harmonize_parts(out):
+            log(f"{out}: {rewritten} parts given the columns other parts have (inputs differ in their keys)")
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:  # the rows are complete; only one-schema readers mind
+        log(f"{out}: parts differ in column types and were left as they are ({e})")
+    counts = output.count_rows(out, run_id=run_id)
+    status = "partial" if cfg.input.limit else "complete"
+    summary = Summary(out, counts["run_rows"], counts["run_ok"], counts["run_rows"] - counts["run_ok"], len(done),
+                      counts["rows"], counts["unique_ids"], time.time() - t0, status, plan.settings_hash, run_id,
+                      extra={"batch_fallbacks": fallbacks})
+    _finish_manifest(manifest, summary, counts)
+    output.write_manifest(out, manifest)
+    return summary
+
+
+def _run_on_ray(plan: Plan, done: Any, run_id: str, t0: float, old: dict | None,
+                log: Callable[[str], None]) -> tuple[dict, dict]:
+    """Connect to Ray, then decode with SIGTERM turned into Interrupted; (manifest, fallback report)."""
+    started = connect_ray(plan.cfg)
+    # after ray.init, which installs its own SIGTERM handler (it aborts the driver without a word)
+    with _sigterm_interrupts():
+        return _decode_all(plan, done, run_id, t0, old, log, started)
+
+
+def _decode_all(plan: Plan, done: Any, run_id: str, t0: float, old: dict | None, log: Callable[[str], None],
+                started: bool) -> tuple[dict, dict]:
+    """Write the running manifest, decode everything, stop a Ray this run started; (manifest, fallbacks)."""
     import ray
 
-    started = connect_ray(cfg)
+    cfg, out = plan.cfg, plan.cfg.output.dir
     try:
         cluster = {k: float(v) for k, v in ray.cluster_resources().items()}
         res = resolve_resources(cfg, cluster, _largest_node_cpus())
@@ -410,26 +479,26 @@ def run(cfg: JobConfig, log: Callable[[str], None] = print) -> Summary:
         configure_data_context(cfg)
         try:
             reserve_pool(cfg, cluster, res)
-            ds, sink = build_dataset(plan, res, done, run_id)
+            counter = start_fallback_counter(run_id)
+            ds, sink = build_dataset(plan, res, done, run_id, fallback_counter=f"prophet-fallbacks-{run_id}")
             execute(ds, sink, cfg, cluster, res)
+            fallbacks = ray.get(counter.report.remote())
         except BaseException as e:
             _mark_failed(out, manifest, e)
             raise
     finally:
         if started:
             ray.shutdown()
-    try:
-        if rewritten := output.harmonize_parts(out):
-            log(f"{out}: {rewritten} parts given the columns other parts have (inputs differ in their keys)")
-    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:  # the rows are complete; only one-schema readers mind
-        log(f"{out}: parts differ in column types and were left as they are ({e})")
-    counts = output.count_rows(out, run_id=run_id)
-    status = "partial" if cfg.input.limit else "complete"
-    summary = Summary(out, counts["run_rows"], counts["run_ok"], counts["run_rows"] - counts["run_ok"], len(done),
-                      counts["rows"], counts["unique_ids"], time.time() - t0, status, plan.settings_hash, run_id)
-    _finish_manifest(manifest, summary, counts)
-    output.write_manifest(out, manifest)
-    return summary
+    return manifest, fallbacks
+
+
+def start_fallback_counter(run_id: str) -> Any:
+    """The run's named FallbackCounter actor (no CPU, so it never takes a decode actor's place)."""
+    import ray
+
+    from pipeline.actor import FallbackCounter
+
+    return ray.remote(FallbackCounter).options(name=f"prophet-fallbacks-{run_id}", num_cpus=0).remote()
 
 
 def _manifest(plan: Plan, old: dict | None, run_id: str, t0: float, cluster: dict, res: Resources) -> dict:
@@ -461,16 +530,19 @@ def _manifest(plan: Plan, old: dict | None, run_id: str, t0: float, cluster: dic
 def _finish_manifest(manifest: dict, s: Summary, counts: dict) -> None:
     end = time.time()
     manifest["runs"][-1].update({"ended_at": end, "wall_s": round(s.wall_s, 3), "rows": s.rows, "ok": s.ok,
-                                 "errors": s.errors, "skipped": s.skipped, "status": s.status})
+                                 "errors": s.errors, "skipped": s.skipped, "status": s.status,
+                                 "batch_fallbacks": s.extra.get("batch_fallbacks")})
     manifest.update({"status": s.status, "ended_at": end, "ended_at_iso": _iso(end), "wall_s": round(s.wall_s, 3),
-                     "rows": {k: counts[k] for k in ("rows", "ok", "errors", "unique_ids", "files")}})
+                     "rows": {k: counts[k] for k in ("rows", "ok", "errors", "unique_ids", "files")},
+                     "batch_fallbacks": s.extra.get("batch_fallbacks")})
 
 
 def _mark_failed(out: str, manifest: dict, e: BaseException) -> None:
     """Record a failed run in the manifest where the directory still takes it (a resume ignores the status)."""
     reason = str(e).splitlines()[0][:500] if str(e) else type(e).__name__
-    manifest["runs"][-1].update({"ended_at": time.time(), "status": "failed", "error": reason})
-    manifest["status"] = "failed"
+    status = "interrupted" if isinstance(e, (Interrupted, KeyboardInterrupt)) else "failed"
+    manifest["runs"][-1].update({"ended_at": time.time(), "status": status, "error": reason})
+    manifest["status"] = status
     try:
         output.write_manifest(out, manifest)
     except OSError:

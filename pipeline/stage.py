@@ -149,9 +149,11 @@ class DecodeStage:
     """Dataset -> Dataset of output rows (pipeline.schema), decoded on a pool of GenerateActor."""
 
     def __init__(self, cfg: StageConfig, plan: StagePlan | None = None, *, assign_ids: bool = True,
-                 resources: Any = None, drop_columns: tuple[str, ...] = (pio.ROW_KEY,)):
+                 resources: Any = None, drop_columns: tuple[str, ...] = (pio.ROW_KEY,),
+                 fallback_counter: str | None = None):
         self.cfg, self.plan = cfg, plan or plan_stage(cfg)
         self._assign_ids, self._resources, self._drop = assign_ids, resources, drop_columns
+        self._fallback_counter = fallback_counter  # the job's named counter of row-by-row fallbacks
 
     def resources(self) -> Any:
         """Per-actor resources: given by the job, else decided from the cluster Ray Data runs on."""
@@ -176,7 +178,7 @@ class DecodeStage:
                          prompt_column=cfg.prompt_column, messages_column=cfg.messages_column,
                          chat_template=self.plan.chat_template, id_column=cfg.id_column, threads=res.threads, allow_pickle=cfg.model.allow_pickle,
                          trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision,
-                         drop_columns=self._drop)
+                         drop_columns=self._drop, fallback_counter=self._fallback_counter)
 
     def __call__(self, ds: Any) -> Any:
         """(ids) -> blocks of rows_per_block -> the actor pool; lazy, like any Dataset transform."""

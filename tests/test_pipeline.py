@@ -407,3 +407,21 @@ def test_actor_turns_bad_rows_and_nonfinite_logits_into_error_rows(tiny_model_di
     assert first["generated_tokens"] == len(first["completion_ids"]) and first["steps_used"] <= 24
     assert first["prompt_tokens"] == len(actor.model.encode(good)) and math.isfinite(first["decode_s"])
     assert out.column("completion").to_pylist()[1:] == [None] * 5
+
+
+def test_a_batch_that_fails_whole_is_counted_when_it_falls_back_to_rows(tiny_model_dir, task_rows):
+    actor = GenerateActor(_spec(tiny_model_dir))
+    inner = actor.model.module
+
+    def fail_batches(ids, mask, **kw):  # a model that fails every batch of more than one row
+        if ids.shape[0] > 1:
+            raise RuntimeError("CUDA out of memory (simulated)\nsecond line")
+        return inner(ids, mask, **kw)
+
+    actor.model.module = fail_batches
+    prompts = [r["prompt"] for r in task_rows[:3]]
+    out = actor(_batch(prompts))
+    assert set(out.column("status").to_pylist()) == {"ok"}  # every row decoded, one by one
+    actor(_batch(prompts[:1], ["solo"]))                    # a batch of one never falls back
+    assert actor.fallbacks.report() == {"batches": 1, "rows": 3,
+                                        "first_error": "RuntimeError: CUDA out of memory (simulated)"}

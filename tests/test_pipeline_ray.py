@@ -75,6 +75,8 @@ def test_jsonl_end_to_end_with_deepspeed_errors_passthrough_and_manifest(ray_loc
     assert manifest["settings"][s.settings_hash]["decode"]["steps"] == 24
     assert manifest["versions"]["ray"] and manifest["model"]["engine"] == "deepspeed"
     assert manifest["runs"][-1]["rows"] == 33 and manifest["ended_at"] >= manifest["started_at"]
+    no_fallback = {"batches": 0, "rows": 0, "first_error": None}  # rows too long are refused before decoding
+    assert manifest["batch_fallbacks"] == no_fallback == s.to_json()["batch_fallbacks"]
 
     import datasets
 
@@ -201,3 +203,30 @@ def test_a_gpu_request_on_a_cluster_without_gpus_fails_within_the_wait(ray_local
     # nothing is left asking the cluster for a GPU (an autoscaler would keep trying to add one)
     assert {v["state"] for v in ray_local.util.placement_group_table().values()} <= {"REMOVED"}
     assert not pending_pool_actors()
+
+
+def test_fallbacks_reach_the_runs_named_counter(ray_local, tiny_model_dir, task_rows):
+    from pipeline.actor import ActorSpec, GenerateActor
+    from prophet.config import DecodeConfig
+    from pipeline.run import start_fallback_counter
+
+    counter = start_fallback_counter("t-fallback")
+    spec = ActorSpec(model_dir=str(tiny_model_dir), dtype="fp32", engine="torch", device="cpu",
+                     decode=DecodeConfig(gen_length=8, steps=8).to_dict(), seed=0, settings_hash="h",
+                     prompt_column="prompt", fallback_counter="prophet-fallbacks-t-fallback")
+    actor = GenerateActor(spec)
+    inner = actor.model.module
+
+    def fail_batches(ids, mask, **kw):
+        if ids.shape[0] > 1:
+            raise ValueError("bad batch")
+        return inner(ids, mask, **kw)
+
+    actor.model.module = fail_batches
+    batch = pa.table({"prompt": [r["prompt"] for r in task_rows[:2]], "id": ["a", "b"]})
+    for _ in range(2):
+        assert actor(batch).column("status").to_pylist() == ["ok", "ok"]
+    deadline = time.time() + 10  # record() is fire-and-forget
+    while (got := ray_local.get(counter.report.remote()))["batches"] < 2 and time.time() < deadline:
+        time.sleep(0.1)
+    assert got == {"batches": 2, "rows": 4, "first_error": "ValueError: bad batch"}

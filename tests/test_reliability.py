@@ -296,3 +296,41 @@ def test_nan_and_inf_logits_end_as_error_rows_and_leave_the_other_rows_as_a_clea
     expected = dict(zip(good, clean(batch).column("completion_ids").to_pylist()))
     assert {i: by_id[i]["completion_ids"] for i in good} == expected
     assert all(by_id[i]["status"] == "ok" for i in good)
+
+
+@pytest.mark.ray
+def test_sigterm_to_the_driver_stops_cleanly_marks_the_run_interrupted_and_the_rerun_resumes(
+        ray_local, tmp_path, tiny_model_dir, task_rows):
+    n = 600
+    src = write_prompts(tmp_path / "p.jsonl", task_rows, n)
+    out = tmp_path / "out"
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address,
+           "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    first = subprocess.Popen(_job_args(src, out, tiny_model_dir), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        wait_for(lambda: len(output.part_files(str(out))) >= 2 or first.poll() is not None, 240, "rows to be written")
+        assert first.poll() is None, "the first run ended before it could be stopped"
+        t = time.time()
+        first.send_signal(signal.SIGTERM)  # what a scheduler sends first
+        _, err = first.communicate(timeout=60)
+        stop_s = time.time() - t
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    assert first.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "interrupted by SIGTERM" in err and "rerun the same command" in err
+    manifest = output.read_manifest(str(out))
+    assert manifest["status"] == "interrupted" and manifest["runs"][-1]["status"] == "interrupted", manifest["runs"]
+    assert stop_s < 60
+    wait_for(lambda: not actor_pids(), 60, "the interrupted job's actor to stop")
+    done_before = set(read_ids(out))
+    assert 0 < len(done_before) < n
+
+    second = subprocess.run(_job_args(src, out, tiny_model_dir), cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=400)
+    assert second.returncode == 0, second.stderr[-2000:]
+    summary = json.loads([ln for ln in second.stdout.splitlines() if ln.startswith("{")][-1])
+    assert (summary["skipped"], summary["rows"]) == (len(done_before), n - len(done_before))
+    assert_every_id_once(out, n, src.name)
+    assert output.read_manifest(str(out))["status"] == "complete"
