@@ -51,7 +51,7 @@ class InputConfig(_Section):
 class OutputConfig(_Section):
     """Where results go."""
 
-    dir: str = Field(description="Output directory: Parquet files plus manifest.json. Rerunning into "
+    dir: str = Field(description="Output directory: Parquet files plus .manifest.json. Rerunning into "
                                  "it resumes (only ids not yet written are processed).")
     overwrite: bool = Field(False, description="Delete this job's earlier output in `dir` and start over.")
 
@@ -215,7 +215,7 @@ def decode_config_from_dict(d: dict) -> DecodeConfig:
 
 
 def settings_hash(settings: dict) -> str:
-    """Short stable hash of a JSON-able settings dict (the key into manifest.json 'settings')."""
+    """Short stable hash of a JSON-able settings dict (the key into .manifest.json 'settings')."""
     blob = json.dumps(settings, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.schema import MANIFEST, OK
+from pipeline.schema import LEGACY_MANIFEST, MANIFEST, OK, REPORT_DIR
 from pipeline.scoring import Scorer, ScorerError, get_scorer
 
 REPORT_JSON = "report.json"
@@ -69,7 +69,8 @@ def parquet_files(output_dir: str | Path) -> list[Path]:
 
 def read_manifest(output_dir: str | Path) -> dict:
     """The job manifest (config, decode settings, versions, times) of an output directory."""
-    path = Path(output_dir) / MANIFEST
+    root = Path(output_dir)
+    path = next((p for p in (root / MANIFEST, root / LEGACY_MANIFEST) if p.is_file()), root / MANIFEST)
     if not path.is_file():
         raise ReportError(f"{path}: missing; jobs/generate.py writes it when a job ends, so the job is still "
                           "running, crashed, or this is not its output directory: rerun the job into it "
@@ -582,9 +583,15 @@ def _write_text(out: Path, name: str, text: str) -> None:
         raise ReportError(f"cannot write {out / name} ({exc}); pass --out a writable directory") from exc
 
 
+def report_dir(output_dir: str | Path) -> Path:
+    """Where reports go by default: OUT/__report, a name dataset readers skip (like .manifest.json),
+    so that pandas/pyarrow/datasets still read OUT as one Parquet dataset after a report."""
+    return Path(output_dir) / REPORT_DIR
+
+
 def write_report(scan: RunScan, out_dir: str | Path | None = None, with_plots: bool = True) -> dict:
-    """Write report.json, report.md and the plots (default: into the run's directory); the report."""
-    out = Path(out_dir or scan.output_dir)
+    """Write report.json, report.md and the plots (default: OUT/__report); the report."""
+    out = Path(out_dir) if out_dir else report_dir(scan.output_dir)
     report = dict(scan.report)
     _write_text(out, REPORT_JSON, "")  # fail on an unwritable directory before plotting
     report["plots"] = write_plots(scan, out) if with_plots else []

@@ -192,7 +192,7 @@ def prepare_output(plan: Plan) -> tuple[dict | None, bool]:
     if old is None:
         if output.part_files(out):
             fix = "choose another directory" + ("" if output.foreign_parquet(out) else " or pass --overwrite")
-            raise JobConfigError(f"output.dir: {out} holds Parquet files but no manifest.json; it is not this "
+            raise JobConfigError(f"output.dir: {out} holds Parquet files but no .manifest.json; it is not this "
                                  f"pipeline's output: {fix}")
         return None, False
     if old.get("settings_hash") != plan.settings_hash:
