@@ -18,7 +18,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.schema import LEGACY_MANIFEST, MANIFEST, OK, REPORT_DIR
+from pipeline import output
+from pipeline.schema import MANIFEST, OK, REPORT_DIR
 from pipeline.scoring import Scorer, ScorerError, get_scorer
 
 REPORT_JSON = "report.json"
@@ -52,14 +53,14 @@ def _local(output_dir: str | Path) -> Path:
 
 
 def parquet_files(output_dir: str | Path) -> list[Path]:
-    """The visible Parquet parts of an output directory, sorted (the rule of pipeline.output.part_files)."""
+    """The visible Parquet parts of an output directory, sorted (pipeline.output.part_files), or a
+    ReportError saying why there are none."""
     root = _local(output_dir)
     if not root.exists():
         raise ReportError(f"{root}: no such directory; pass the --output directory of a jobs/generate.py run")
     if not root.is_dir():
         raise ReportError(f"{root}: not a directory; pass the --output directory of a jobs/generate.py run")
-    # Top level only, hidden/underscore names skipped: a killed run's temporary parts are hidden.
-    files = sorted(p for p in root.glob("*.parquet") if p.is_file() and not p.name.startswith((".", "_")))
+    files = [Path(p) for p in output.part_files(str(root))]  # the rule resume uses, shared
     if not files:
         raise ReportError(f"{root}: no Parquet files; the job wrote nothing there yet (still running, failed "
                           "before writing, or the wrong directory): check the job's log or run jobs/generate.py "
@@ -69,9 +70,9 @@ def parquet_files(output_dir: str | Path) -> list[Path]:
 
 def read_manifest(output_dir: str | Path) -> dict:
     """The job manifest (config, decode settings, versions, times) of an output directory."""
-    root = Path(output_dir)
-    path = next((p for p in (root / MANIFEST, root / LEGACY_MANIFEST) if p.is_file()), root / MANIFEST)
-    if not path.is_file():
+    found = output.manifest_path(str(_local(output_dir)))  # .manifest.json, else an older manifest.json
+    path = Path(found) if found else Path(output_dir) / MANIFEST
+    if found is None:
         raise ReportError(f"{path}: missing; jobs/generate.py writes it when a job ends, so the job is still "
                           "running, crashed, or this is not its output directory: rerun the job into it "
                           "(it resumes) or pass the right directory")
