@@ -116,6 +116,10 @@ _EXTRA_DECODE_FIELDS: dict[str, Any] = {
     "anchor": (Optional[str], Field(
         None, description="Answer-anchor text (e.g. ' The answer is'), tokenized with the model's "
                           "tokenizer into anchor_ids.")),
+    # A pipeline concern, not a decode setting: the actors decode each expanded row once.
+    "num_samples": (int, Field(
+        1, ge=1, description="Output rows per input row, each with its own seed from (job seed, id, sample); "
+                             "above 1 rows get columns sample and source_id and the id '<input id>#<sample>'.")),
 }
 
 

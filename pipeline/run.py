@@ -108,6 +108,8 @@ def plan_job(cfg: JobConfig) -> Plan:
                 "dtype": cfg.dtype, "seed": cfg.execution.seed,
                 "prompt": cfg.input.messages_column and f"messages:{cfg.input.messages_column}"
                 or f"prompt:{cfg.input.prompt_column}"}
+    if cfg.decoding.num_samples != 1:  # a rerun with another num_samples is a settings change (refused)
+        settings["num_samples"] = cfg.decoding.num_samples
     return Plan(cfg, fmt, decode, settings, settings_hash(settings), _input_fingerprint(cfg.input.path), schema)
 
 
@@ -304,7 +306,8 @@ def build_dataset(plan: Plan, spec: ActorSpec, res: Resources, done: Any, run_id
     cfg = plan.cfg
     ds = read_dataset(cfg.input, plan.fmt)
     ds = ds.map_batches(pio.ids_not_done, batch_format="pyarrow", batch_size=None,
-                        fn_kwargs={"id_column": cfg.input.id_column, "done": done, "schema": plan.input_schema})
+                        fn_kwargs={"id_column": cfg.input.id_column, "done": done, "schema": plan.input_schema,
+                                   "num_samples": cfg.decoding.num_samples})
     if cfg.input.limit:
         ds = ds.limit(cfg.input.limit)
     ds = ds.repartition(target_num_rows_per_block=cfg.rows_per_block)
@@ -395,6 +398,10 @@ def run(cfg: JobConfig, log: Callable[[str], None] = print) -> Summary:
     """Run a generation job to the end (or resume it); returns what this run did."""
     t0 = time.time()
     plan = plan_job(cfg)
+    if cfg.decoding.num_samples > 1 and samples_identical(plan.decode):
+        log(f"warning: decoding.num_samples={cfg.decoding.num_samples} with temperature 0, alg_temp 0 and "
+            "low-confidence remasking: every sample of a row will be identical; set --temperature > 0 "
+            "(or --remasking random) to draw different ones")
     old, complete = prepare_output(plan)
     out = cfg.output.dir
     run_id = output.new_run_id()
@@ -444,6 +451,13 @@ def run(cfg: JobConfig, log: Callable[[str], None] = print) -> Summary:
     _finish_manifest(manifest, summary, counts)
     output.write_manifest(out, manifest)
     return summary
+
+
+def samples_identical(decode: dict) -> bool:
+    """Whether a decode ignores its seed (argmax tokens, confidence-ordered unmasking): then several
+    samples per row are copies of one."""
+    return (float(decode.get("temperature", 0)) == 0 and float(decode.get("alg_temp", 0)) == 0
+            and decode.get("remasking", "low_confidence") != "random")
 
 
 def _manifest(plan: Plan, old: dict | None, run_id: str, t0: float, cluster: dict, res: Resources) -> dict:
