@@ -60,7 +60,7 @@ def decode_table(model: NativeAdapter, base: DecodeConfig, prompts: list[list[in
 
 def bench_gpu(args: argparse.Namespace) -> dict:
     """Forward MFU, then the decode table; prints both, returns the JSON object."""
-    from pipeline.forward_benchmark import MODELS, measure_forward, parse_shapes, random_llada
+    from benchmarks.forward import MODELS, measure_forward, parse_shapes, random_llada
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.gpu_model == "llada-8b" and device.type != "cuda":

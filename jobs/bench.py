@@ -13,11 +13,11 @@ checkpoints/tiny-llada exists, else ScriptedDLM whose forward also runs a real M
 embeddings of every position (so a step costs real compute in proportion to rows x length).
 
 pipeline: steady rows/s of jobs/generate.py's pipeline (2 actors, local Ray) over the bare decode
-loop on the same prompts, and the fixed start-up seconds (pipeline/benchmark.py).
+loop on the same prompts, and the fixed start-up seconds (benchmarks/throughput.py).
 
 forward (GPU): the native LLaDA-8B with random bf16 weights, one forward per batch x sequence
 (default 1x384, 8x384, 32x512): time, TFLOP/s, MFU against the bf16 matmul peak measured on the
-same GPU, and peak memory (pipeline/forward_benchmark.py).
+same GPU, and peak memory (benchmarks/forward.py).
 
     .venv/bin/python jobs/bench.py --section forward                      # on a GPU machine
     .venv/bin/python jobs/bench.py --section forward --forward-model tiny  # CPU smoke run
@@ -179,7 +179,7 @@ def bench_pipeline(args: argparse.Namespace) -> dict:
     2 threads) on the same prompts, model and settings, and the fixed start-up seconds."""
     import tempfile
 
-    from pipeline.benchmark import measure, random_tiny_llada
+    from benchmarks.throughput import measure, random_tiny_llada
     from prophet.tasks import TASKS
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -205,7 +205,7 @@ def bench_pipeline(args: argparse.Namespace) -> dict:
 def bench_forward(args: argparse.Namespace) -> dict:
     """Native LLaDA forward per batch x sequence: seconds, TFLOP/s, MFU against the measured bf16
     matmul peak, peak memory. LLaDA-8B needs a GPU; `--forward-model tiny` is the CPU smoke run."""
-    from pipeline.forward_benchmark import MODELS, measure_forward, parse_shapes
+    from benchmarks.forward import MODELS, measure_forward, parse_shapes
 
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.forward_model == "llada-8b" and device.type != "cuda":

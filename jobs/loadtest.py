@@ -111,7 +111,7 @@ def model_dir(work: Path, wanted: str | None) -> Path:
         return Path(wanted)
     if (SHIPPED / "config.json").is_file() and any(SHIPPED.glob("*.safetensors")):
         return SHIPPED
-    from pipeline.benchmark import random_tiny_llada
+    from benchmarks.throughput import random_tiny_llada
 
     return random_tiny_llada(work / "random-tiny-llada")
 
@@ -148,12 +148,12 @@ def load_test(args: argparse.Namespace) -> dict:
 
 
 def steady(out_dir: str) -> float:
-    """Rows/s while every actor was producing (pipeline.benchmark.steady_rate over the output)."""
+    """Rows/s while every actor was producing (benchmarks.throughput.steady_rate over the output)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from pipeline import output
-    from pipeline.benchmark import steady_rate
+    from benchmarks.throughput import steady_rate
 
     table = pa.concat_tables([pq.read_table(p, columns=["worker_id", "finished_at"])
                               for p in output.part_files(out_dir)])

@@ -4,8 +4,9 @@
   python jobs/report.py FULL_DIR HALF_DIR PROPHET_DIR --scorer task --out cmp/
 
 Prints a table for people and one JSON object on the last stdout line; writes report.json,
-report.md and PNG plots into the output directory (or --out), compare.json/compare.md and
-accuracy_vs_steps.png when comparing.
+report.md and PNG plots into OUTPUT_DIR/__report/ (or --out), compare.json/compare.md and
+accuracy_vs_steps.png when comparing. (`__report` is a name Parquet readers skip, so OUTPUT_DIR stays
+readable as one dataset.)
 """
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from pipeline.report import (ReportError, compare_runs, format_comparison, format_report, scan_run,  # noqa: E402
-                             scan_runs, write_comparison, write_report)
+from pipeline.report import (ReportError, compare_runs, format_comparison, format_report, report_dir,  # noqa: E402
+                             scan_run, scan_runs, write_comparison, write_report)
 from pipeline.scoring import SCORERS  # noqa: E402
 
 
@@ -33,7 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--answer-column", default="answer", help="reference answer column (default: answer)")
     p.add_argument("--task-column", default="task", help="per-row task name column (default: task)")
     p.add_argument("--out", type=Path, default=None,
-                   help="where to write reports and plots (default: the first run's directory)")
+                   help="where to write reports and plots (default: the first run's directory/__report)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     return p.parse_args(argv)
 
@@ -48,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
             print(format_report(result))
         else:
             scans = scan_runs(args.runs, args.scorer, args.answer_column, args.task_column)
-            result = write_comparison(compare_runs(scans), args.out or args.runs[0], with_plots=not args.no_plots)
+            out = args.out or report_dir(args.runs[0])
+            result = write_comparison(compare_runs(scans), out, with_plots=not args.no_plots)
             print(format_comparison(result))
     except ReportError as exc:
         print(f"error: {exc}", file=sys.stderr)

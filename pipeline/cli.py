@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="jobs/generate.py", usage="%(prog)s [--config FILE] [--output DIR] [options]", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
         description="Batch generation with a masked diffusion LM and Prophet early commit: read prompts, "
-                    "decode them on Ray actors, write Parquet plus manifest.json. Rerunning into the same "
+                    "decode them on Ray actors, write Parquet plus .manifest.json. Rerunning into the same "
                     "--output resumes.")
     p.add_argument("--config", type=Path, help="YAML job file (sections input, output, model, decoding, "
                                                "execution); flags override it")

@@ -57,7 +57,7 @@ class InputConfig(_Section):
 class OutputConfig(_Section):
     """Where results go."""
 
-    dir: str = Field(description="Output directory: Parquet files plus manifest.json. Rerunning into "
+    dir: str = Field(description="Output directory: Parquet files plus .manifest.json. Rerunning into "
                                  "it resumes (only ids not yet written are processed).")
     overwrite: bool = Field(False, description="Delete this job's earlier output in `dir` and start over.")
 
@@ -122,6 +122,10 @@ _EXTRA_DECODE_FIELDS: dict[str, Any] = {
     "anchor": (Optional[str], Field(
         None, description="Answer-anchor text (e.g. ' The answer is'), tokenized with the model's "
                           "tokenizer into anchor_ids.")),
+    # A pipeline concern, not a decode setting: the actors decode each expanded row once.
+    "num_samples": (int, Field(
+        1, ge=1, description="Output rows per input row, each with its own seed from (job seed, id, sample); "
+                             "above 1 rows get columns sample and source_id and the id '<input id>#<sample>'.")),
 }
 
 
@@ -233,7 +237,7 @@ def decode_config_from_dict(d: dict) -> DecodeConfig:
 
 
 def settings_hash(settings: dict) -> str:
-    """Short stable hash of a JSON-able settings dict (the key into manifest.json 'settings')."""
+    """Short stable hash of a JSON-able settings dict (the key into .manifest.json 'settings')."""
     blob = json.dumps(settings, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

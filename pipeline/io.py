@@ -411,16 +411,39 @@ def assign_ids(batch: pa.Table, id_column: str | None) -> pa.Table:
     return _set(batch, "id", ids)
 
 
+SAMPLE_SEP = "#"  # output id of sample k of input id x: "x#k"
+
+
+def expand_samples(batch: pa.Table, num_samples: int) -> pa.Table:
+    """Each row `num_samples` times, with columns sample (0..n-1) and source_id (the input id) and
+    the unique output id '<input id>#<sample>'; unchanged for one sample, so such outputs stay as before.
+
+    The actor seeds a row from (job seed, output id), so every sample gets its own seed.
+    """
+    if num_samples == 1:
+        return batch
+    n = len(batch)
+    take = pa.array([i for i in range(n) for _ in range(num_samples)], pa.int64())
+    out = batch.take(take)
+    sample = pa.array(list(range(num_samples)) * n, pa.int32())
+    source = out.column("id")
+    out = _set(out, "source_id", source)
+    out = _set(out, "sample", sample)
+    ids = pc.binary_join_element_wise(source, pc.cast(sample, pa.string()), SAMPLE_SEP)
+    return _set(out, "id", ids)
+
+
 def ids_not_done(batch: pa.Table, id_column: str | None, done: pa.Array,
-                 schema: pa.Schema | None = None) -> pa.Table:
-    """The batch with its `id` column, less the rows whose id is in `done` (written by earlier runs).
+                 schema: pa.Schema | None = None, num_samples: int = 1) -> pa.Table:
+    """The batch with its `id` column (one row per sample), less the rows whose id is in `done`
+    (written by earlier runs): resume and --limit thus work per (input id, sample).
 
     With `schema` (the union of the Parquet inputs' schemas) every batch gets the same columns and
     types first, so blocks of different files can be merged.
     """
     if schema is not None:
         batch = conform_to(batch, schema)
-    batch = assign_ids(batch, id_column)
+    batch = expand_samples(assign_ids(batch, id_column), num_samples)
     if len(done) == 0:
         return batch
     return batch.filter(pc.invert(pc.is_in(batch.column("id"), value_set=done)))

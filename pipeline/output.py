@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from pipeline import storage
 from pipeline.config import JobConfigError
-from pipeline.schema import MANIFEST, OUTPUT_COLUMNS, OUTPUT_SCHEMA
+from pipeline.schema import LEGACY_MANIFEST, MANIFEST, OUTPUT_COLUMNS, OUTPUT_SCHEMA
 
 TMP_SUFFIX = ".tmp"
 PART_NAME = re.compile(r"part-.+-\d{6}\.parquet")  # what part_name() makes
@@ -179,23 +179,36 @@ def clear(out_dir: str) -> None:
         if PART_NAME.fullmatch(path.rsplit("/", 1)[-1]):
             fs.delete_file(path)
     remove_temp_files(out_dir)
-    manifest = _join(base, MANIFEST)
-    if fs.get_file_info(manifest).type == pafs.FileType.File:
-        fs.delete_file(manifest)
+    for name in (MANIFEST, LEGACY_MANIFEST):
+        manifest = _join(base, name)
+        if fs.get_file_info(manifest).type == pafs.FileType.File:
+            fs.delete_file(manifest)
+
+
+def manifest_path(out_dir: str) -> str | None:
+    """Path of the manifest of an output directory: .manifest.json, else an older run's manifest.json;
+    None where there is neither yet."""
+    fs, base = filesystem(out_dir)
+    for name in (MANIFEST, LEGACY_MANIFEST):
+        path = _join(base, name)
+        if fs.get_file_info(path).type == pafs.FileType.File:
+            return path
+    return None
 
 
 def read_manifest(out_dir: str) -> dict | None:
-    """The manifest of an output directory, None where there is none yet."""
-    fs, base = filesystem(out_dir)
-    path = _join(base, MANIFEST)
-    if fs.get_file_info(path).type != pafs.FileType.File:
+    """The manifest of an output directory (see manifest_path), None where there is none yet."""
+    path = manifest_path(out_dir)
+    if path is None:
         return None
+    fs, _ = filesystem(out_dir)
     with fs.open_input_stream(path) as f:
         return json.loads(f.read().decode())
 
 
 def write_manifest(out_dir: str, manifest: dict[str, Any]) -> None:
-    """Write manifest.json atomically (temp file, then rename)."""
+    """Write .manifest.json atomically (temp file, then rename); an older manifest.json is removed
+    so that resume never reads a stale one."""
     fs, base = filesystem(out_dir)
     fs.create_dir(base, recursive=True)
     tmp, final = _join(base, f".{MANIFEST}{TMP_SUFFIX}"), _join(base, MANIFEST)
@@ -206,6 +219,7 @@ def write_manifest(out_dir: str, manifest: dict[str, Any]) -> None:
     except OSError:
         _delete_quietly(fs, tmp)  # the old manifest stays as it was
         raise
+    _delete_quietly(fs, _join(base, LEGACY_MANIFEST))
 
 
 def count_rows(out_dir: str, run_id: str | None = None) -> dict[str, int]:

@@ -18,7 +18,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.schema import MANIFEST, OK
+from pipeline import output
+from pipeline.schema import MANIFEST, OK, REPORT_DIR
 from pipeline.scoring import Scorer, ScorerError, get_scorer
 
 REPORT_JSON = "report.json"
@@ -52,14 +53,14 @@ def _local(output_dir: str | Path) -> Path:
 
 
 def parquet_files(output_dir: str | Path) -> list[Path]:
-    """The visible Parquet parts of an output directory, sorted (the rule of pipeline.output.part_files)."""
+    """The visible Parquet parts of an output directory, sorted (pipeline.output.part_files), or a
+    ReportError saying why there are none."""
     root = _local(output_dir)
     if not root.exists():
         raise ReportError(f"{root}: no such directory; pass the --output directory of a jobs/generate.py run")
     if not root.is_dir():
         raise ReportError(f"{root}: not a directory; pass the --output directory of a jobs/generate.py run")
-    # Top level only, hidden/underscore names skipped: a killed run's temporary parts are hidden.
-    files = sorted(p for p in root.glob("*.parquet") if p.is_file() and not p.name.startswith((".", "_")))
+    files = [Path(p) for p in output.part_files(str(root))]  # the rule resume uses, shared
     if not files:
         raise ReportError(f"{root}: no Parquet files; the job wrote nothing there yet (still running, failed "
                           "before writing, or the wrong directory): check the job's log or run jobs/generate.py "
@@ -69,8 +70,9 @@ def parquet_files(output_dir: str | Path) -> list[Path]:
 
 def read_manifest(output_dir: str | Path) -> dict:
     """The job manifest (config, decode settings, versions, times) of an output directory."""
-    path = Path(output_dir) / MANIFEST
-    if not path.is_file():
+    found = output.manifest_path(str(_local(output_dir)))  # .manifest.json, else an older manifest.json
+    path = Path(found) if found else Path(output_dir) / MANIFEST
+    if found is None:
         raise ReportError(f"{path}: missing; jobs/generate.py writes it when a job ends, so the job is still "
                           "running, crashed, or this is not its output directory: rerun the job into it "
                           "(it resumes) or pass the right directory")
@@ -582,9 +584,15 @@ def _write_text(out: Path, name: str, text: str) -> None:
         raise ReportError(f"cannot write {out / name} ({exc}); pass --out a writable directory") from exc
 
 
+def report_dir(output_dir: str | Path) -> Path:
+    """Where reports go by default: OUT/__report, a name dataset readers skip (like .manifest.json),
+    so that pandas/pyarrow/datasets still read OUT as one Parquet dataset after a report."""
+    return Path(output_dir) / REPORT_DIR
+
+
 def write_report(scan: RunScan, out_dir: str | Path | None = None, with_plots: bool = True) -> dict:
-    """Write report.json, report.md and the plots (default: into the run's directory); the report."""
-    out = Path(out_dir or scan.output_dir)
+    """Write report.json, report.md and the plots (default: OUT/__report); the report."""
+    out = Path(out_dir) if out_dir else report_dir(scan.output_dir)
     report = dict(scan.report)
     _write_text(out, REPORT_JSON, "")  # fail on an unwritable directory before plotting
     report["plots"] = write_plots(scan, out) if with_plots else []

@@ -232,7 +232,7 @@ def prepare_output(plan: Plan) -> tuple[dict | None, bool]:
     if old is None:
         if output.part_files(out):
             fix = "choose another directory" + ("" if output.foreign_parquet(out) else " or pass --overwrite")
-            raise JobConfigError(f"output.dir: {out} holds Parquet files but no manifest.json; it is not this "
+            raise JobConfigError(f"output.dir: {out} holds Parquet files but no .manifest.json; it is not this "
                                  f"pipeline's output: {fix}")
         return None, False
     if old.get("settings_hash") != plan.settings_hash:
@@ -342,7 +342,8 @@ def build_dataset(plan: Plan, res: Resources, done: Any, run_id: str, fallback_c
     cfg = plan.cfg
     ds = read_dataset(cfg.input, plan.fmt)
     ds = ds.map_batches(pio.ids_not_done, batch_format="pyarrow", batch_size=None,
-                        fn_kwargs={"id_column": cfg.input.id_column, "done": done, "schema": plan.input_schema})
+                        fn_kwargs={"id_column": cfg.input.id_column, "done": done, "schema": plan.input_schema,
+                                   "num_samples": cfg.decoding.num_samples})
     if cfg.input.limit:
         ds = ds.limit(cfg.input.limit)
     return decode_stage(plan, res, fallback_counter)(ds), PartSink(cfg.output.dir, run_id, cfg.execution.rows_per_file)
@@ -422,6 +423,10 @@ def run(cfg: JobConfig, log: Callable[[str], None] = print) -> Summary:
     """Run a generation job to the end (or resume it); returns what this run did."""
     t0 = time.time()
     plan = plan_job(cfg)
+    if cfg.decoding.num_samples > 1 and samples_identical(plan.decode):
+        log(f"warning: decoding.num_samples={cfg.decoding.num_samples} with temperature 0, alg_temp 0 and "
+            "low-confidence remasking: every sample of a row will be identical; set --temperature > 0 "
+            "(or --remasking random) to draw different ones")
     old, complete = prepare_output(plan)
     out = cfg.output.dir
     run_id = output.new_run_id()
@@ -499,6 +504,13 @@ def start_fallback_counter(run_id: str) -> Any:
     from pipeline.actor import FallbackCounter
 
     return ray.remote(FallbackCounter).options(name=f"prophet-fallbacks-{run_id}", num_cpus=0).remote()
+
+
+def samples_identical(decode: dict) -> bool:
+    """Whether a decode ignores its seed (argmax tokens, confidence-ordered unmasking): then several
+    samples per row are copies of one."""
+    return (float(decode.get("temperature", 0)) == 0 and float(decode.get("alg_temp", 0)) == 0
+            and decode.get("remasking", "low_confidence") != "random")
 
 
 def _manifest(plan: Plan, old: dict | None, run_id: str, t0: float, cluster: dict, res: Resources) -> dict:

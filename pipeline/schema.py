@@ -10,7 +10,13 @@ from __future__ import annotations
 import pyarrow as pa
 
 OK, ERROR = "ok", "error"
-MANIFEST = "manifest.json"
+# Names dataset readers skip, so the output directory reads as one Parquet dataset. pyarrow (and
+# pandas over it) skip names starting with "." or "_" (Spark's _SUCCESS, Parquet's _metadata), but
+# datasets.load_dataset(data_dir=...) skips only "."-files and "__"-directories: hence a hidden
+# manifest file and a "__" report directory, which every one of them skips.
+MANIFEST = ".manifest.json"
+LEGACY_MANIFEST = "manifest.json"  # what older versions wrote; still read for resume
+REPORT_DIR = "__report"  # jobs/report.py's default output, inside the output directory
 
 OUTPUT_SCHEMA = pa.schema([
     pa.field("id", pa.string(), nullable=False),         # input id, or "<file>:<row>" when derived
@@ -30,7 +36,7 @@ OUTPUT_SCHEMA = pa.schema([
     pa.field("finished_at", pa.float64()),               # unix seconds when the row's batch finished
     pa.field("worker_id", pa.string()),                  # "<host>:<pid>" of the actor process
     pa.field("model", pa.string()),                      # model name (directory name)
-    pa.field("settings_hash", pa.string()),              # key into manifest.json "settings"
+    pa.field("settings_hash", pa.string()),              # key into .manifest.json "settings"
     pa.field("status", pa.string(), nullable=False),     # "ok" or "error"
     pa.field("error", pa.string()),                      # reason when status == "error", else null
 ])

@@ -94,6 +94,8 @@ def plan_stage(cfg: StageConfig | JobConfig) -> StagePlan:
     settings = {"decode": {k: v for k, v in decode.items() if k not in NOT_IN_SETTINGS},
                 "model": Path(stage.model.dir).resolve().name, "model_files": _model_fingerprint(stage.model.dir),
                 "dtype": stage.dtype, "seed": stage.execution.seed, "prompt": stage.prompt_setting(template)}
+    if stage.decoding.num_samples != 1:  # a rerun with another num_samples is a settings change (refused)
+        settings["num_samples"] = stage.decoding.num_samples
     return StagePlan(decode, settings, settings_hash(settings), template, token_ids(stage.model.dir))
 
 

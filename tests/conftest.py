@@ -44,7 +44,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     """The shipped tiny LLaDA when it is there, else a random-init tiny LLaDA saved the same way."""
     if _has_weights(SHIPPED_LLADA):
         return SHIPPED_LLADA
-    from pipeline.benchmark import random_tiny_llada
+    from benchmarks.throughput import random_tiny_llada
 
     return random_tiny_llada(tmp_path_factory.mktemp("models") / "rand-llada")
 

@@ -1,4 +1,4 @@
-"""jobs/bench.py and pipeline/benchmark.py: the steady-rate arithmetic exactly, and both sections
+"""jobs/bench.py and benchmarks/throughput.py: the steady-rate arithmetic exactly, and both sections
 run end to end on small inputs (the figures themselves live in BENCHMARKS.md, never asserted)."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from pipeline.benchmark import steady_rate
+from benchmarks.throughput import steady_rate
 from tiny_support import load_job, one_thread  # noqa: F401 (one_thread is an autouse fixture)
 
 
@@ -59,7 +59,7 @@ def test_forward_flops_formula_matches_torchs_flop_counter(kv_heads, keep):
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from pipeline.forward_benchmark import TINY, forward_flops, random_llada
+    from benchmarks.forward import TINY, forward_flops, random_llada
 
     cfg = dataclasses.replace(TINY, n_kv_heads=kv_heads)
     model = random_llada(cfg, torch.device("cpu"), torch.float32)
@@ -73,7 +73,7 @@ def test_forward_flops_formula_matches_torchs_flop_counter(kv_heads, keep):
 
 
 def test_llada_8b_config_costs_about_15_gflop_per_position():
-    from pipeline.forward_benchmark import MODELS, forward_flops
+    from benchmarks.forward import MODELS, forward_flops
 
     per_token = forward_flops(MODELS["llada-8b"], 1, 1) / 1e9  # no attention term at length 1
     assert 14.5 < per_token < 15.5  # SPEC: about 15 GFLOP per position

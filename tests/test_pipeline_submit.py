@@ -100,5 +100,5 @@ def test_ray_job_submit_runs_the_embedded_default_on_a_running_cluster(tmp_path)
     table = pq.read_table(sorted(out.glob("*.parquet")))
     prompts = [json.loads(line) for line in (ROOT / "pipeline/data/default_prompts.jsonl").read_text().splitlines()]
     assert set(table.column("id").to_pylist()) <= {r["id"] for r in prompts} and table.num_rows == 10
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = json.loads((out / ".manifest.json").read_text())
     assert manifest["model"]["engine"] == "deepspeed" and manifest["decode"]["rule"] == "prophet"

@@ -217,8 +217,8 @@ def test_quantile_from_counts_matches_numpy():
 def test_write_report_makes_json_markdown_and_valid_pngs(run_dir):
     path, _ = run_dir
     r = write_report(scan_run(path, scorer="exact"))
-    assert json.loads((path / "report.json").read_text()) == json.loads(json.dumps(r))
-    md = (path / "report.md").read_text()
+    assert json.loads((path / "__report" / "report.json").read_text()) == json.loads(json.dumps(r))
+    md = (path / "__report" / "report.md").read_text()
     assert "steps used mean" in md and "host:101" in md and "## Accuracy (exact)" in md
     assert sorted(Path(p).name for p in r["plots"]) == ["commit_step.png", "steps_used.png", "throughput.png"]
     for p in r["plots"]:
@@ -288,7 +288,35 @@ def test_cli_compares_several_runs(tmp_path):
     assert proc.returncode == 0, proc.stderr
     last = json.loads(proc.stdout.strip().splitlines()[-1])
     assert [r["label"] for r in last["runs"]] == ["a", "b"] and len(last["pairs"]) == 1
-    assert (a / "compare.json").is_file() and (a / "accuracy_vs_steps.png").is_file()
+    assert (a / "__report" / "compare.json").is_file() and (a / "__report" / "accuracy_vs_steps.png").is_file()
+
+
+def test_output_dir_with_report_reads_as_one_dataset(tmp_path):
+    """.manifest.json and __report/ are names Parquet readers skip: the directory reads as a dataset."""
+    import pandas as pd
+    import pyarrow.dataset as ds
+    from datasets import load_dataset
+
+    path = write_run(tmp_path / "r", make_rows(30, seed=4))
+    write_report(scan_run(path, scorer="exact"))
+    assert (path / "__report" / "report.json").is_file() and not (path / "report.json").exists()
+    assert len(pd.read_parquet(path)) == 30
+    assert pq.read_table(path).num_rows == 30
+    assert ds.dataset(path).count_rows() == 30
+    loaded = load_dataset("parquet", data_dir=str(path), cache_dir=str(tmp_path / "hf"))
+    assert loaded["train"].num_rows == 30
+
+
+def test_legacy_manifest_json_is_still_read(tmp_path):
+    """An output of an older version (manifest.json) still reports and resumes."""
+    from pipeline import output
+
+    path = write_run(tmp_path / "r", make_rows(10, seed=5))
+    (path / MANIFEST).rename(path / "manifest.json")
+    assert output.read_manifest(str(path)) == json.loads((path / "manifest.json").read_text())
+    assert scan_run(path, scorer="none").report["rows"] == 10
+    output.write_manifest(str(path), {"status": "complete"})  # the next run rewrites it under the new name
+    assert not (path / "manifest.json").exists() and output.read_manifest(str(path)) == {"status": "complete"}
 
 
 # ---------------------------------------------------------------------------- clear errors
@@ -315,7 +343,7 @@ def test_directory_without_parquet_is_a_clear_error(tmp_path):
 
 def test_missing_manifest_is_a_clear_error(tmp_path):
     write_run(tmp_path / "r", make_rows(5), files=1, manifest=False)
-    assert "manifest.json: missing" in _error_of(tmp_path / "r")
+    assert ".manifest.json: missing" in _error_of(tmp_path / "r")
 
 
 def test_malformed_manifest_is_a_clear_error(tmp_path):

@@ -63,7 +63,7 @@ def test_report_of_a_real_run_agrees_with_its_rows(two_runs):
     assert sum(r["early_commit"]["by_third"].values()) == r["early_commit"]["rows"]
     assert sum(w["rows"] for w in r["workers"]) == 25
     assert {w["worker_id"] for w in r["workers"]} == set(t["worker_id"])
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = json.loads((out / ".manifest.json").read_text())
     assert r["wall_s"] == pytest.approx(manifest["wall_s"]) and r["job_status"] == "complete"
 
     from prophet.tasks import get_task
@@ -74,11 +74,19 @@ def test_report_of_a_real_run_agrees_with_its_rows(two_runs):
         data = Path(p).read_bytes()
         assert data[:8] == PNG_MAGIC and len(data) > 1000
     assert f"{r['rows']} rows" in short_summary(out)
+    # After a real run and a report the directory reads as one dataset (.manifest.json, __report/ skipped).
+    import pandas as pd
+    import pyarrow.dataset as ds
+    from datasets import load_dataset
+
+    assert len(pd.read_parquet(out)) == pq.read_table(out).num_rows == ds.dataset(out).count_rows() == 25
+    hf = load_dataset("parquet", data_dir=str(out), cache_dir=str(out.parent / "hf_cache"))
+    assert hf["train"].num_rows == 25
 
 
 def test_comparison_of_full_and_prophet_runs(two_runs):
     full, prophet = two_runs
-    c = write_comparison(compare_runs(scan_runs([full, prophet], scorer="task")), full)
+    c = write_comparison(compare_runs(scan_runs([full, prophet], scorer="task")), full / "__report")
     (pair,) = c["pairs"]
     steps = {}
     for name, out in (("full", full), ("prophet", prophet)):
@@ -90,4 +98,4 @@ def test_comparison_of_full_and_prophet_runs(two_runs):
     assert pair["step_speedup"] == pytest.approx(steps["full"].mean() / steps["prophet"].mean())
     assert pair["common"]["rows"] == len(steps["full"]) == len(steps["prophet"])
     assert pair["accuracy_diff"] == pytest.approx(c["runs"][1]["accuracy"] - c["runs"][0]["accuracy"])
-    assert (full / "accuracy_vs_steps.png").read_bytes()[:8] == PNG_MAGIC
+    assert (full / "__report" / "accuracy_vs_steps.png").read_bytes()[:8] == PNG_MAGIC
