@@ -299,6 +299,7 @@ def test_nan_and_inf_logits_end_as_error_rows_and_leave_the_other_rows_as_a_clea
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_sigterm_to_the_driver_stops_cleanly_marks_the_run_interrupted_and_the_rerun_resumes(
         ray_local, tmp_path, tiny_model_dir, task_rows):
     n = 600
@@ -323,7 +324,7 @@ def test_sigterm_to_the_driver_stops_cleanly_marks_the_run_interrupted_and_the_r
     manifest = output.read_manifest(str(out))
     assert manifest["status"] == "interrupted" and manifest["runs"][-1]["status"] == "interrupted", manifest["runs"]
     assert stop_s < 60
-    wait_for(lambda: not actor_pids(), 60, "the interrupted job's actor to stop")
+    wait_for(lambda: not actor_pids(), 180, "the interrupted job's actor to stop")  # slow on a loaded machine
     done_before = set(read_ids(out))
     assert 0 < len(done_before) < n
 

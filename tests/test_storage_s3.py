@@ -114,6 +114,7 @@ def test_s3_parquet_inputs_get_the_local_checks_before_ray(s3_endpoint, tiny_mod
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_a_driver_killed_mid_run_on_s3_resumes_only_what_is_missing(ray_local, s3_endpoint, tiny_model_dir,
                                                                      task_rows):
     n = 300
