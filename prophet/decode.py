@@ -458,7 +458,7 @@ def _step(model: DLM, batch: _Batch) -> list[list[int]]:
     masked = t["canvas"] == plan.mask_id  # (B, G)
     in_block = plan.block_of[None, :] == t["block"][:, None]
     idx, valid = compact(masked & in_block & live[:, None], max(1, max(s.n_cand for s in batch.slots)))
-    tau = prophet_tau(t["block"] * plan.S + t["sstep"], cfg.steps, cfg.thresholds)
+    tau = prophet_tau(t["block"] * plan.S + t["sstep"], cfg.steps, cfg.thresholds, cfg.progress)
     commit = torch.zeros_like(live)
     if cfg.rule == "prophet":
         _summarise(t, span)
