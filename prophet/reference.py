@@ -164,7 +164,7 @@ def _update(window: torch.Tensor, logits: torch.Tensor, cand: torch.Tensor, cfg:
     n = pos.numel()
     lc = logits[pos]  # (n, V)
     u = token_uniforms(draws(pos, TOKEN_STREAM), lc.shape[-1]) if cfg.temperature > 0 else None
-    prop = propose(lc, cfg, u)
+    prop = propose(lc, cfg, u, stop_ids(model))
     x0, prob = prop.x0, prop.prob
     upos = position_uniforms(draws(pos, POSITION_STREAM)) if random_positions(cfg) else None
     reveal = [False] * n
