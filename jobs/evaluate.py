@@ -73,7 +73,7 @@ def cache_configs(model: TextDLM, task: Task, calibration: Path | None,
     rules: list[tuple[str, DecodeConfig]] = [("full", full)]
     if calibration is not None:
         # the fitted thresholds, given explicitly: they were calibrated without blocks or cache
-        fitted = DecodeConfig(gen_length=full.gen_length, steps=full.steps).with_calibration(calibration)
+        fitted = replace(full, block_length=None).with_calibration(calibration)
         rules.append(("prophet calibrated", replace(full, rule="prophet", thresholds=fitted.thresholds,
                                                     region=fitted.region, statistic=fitted.statistic,
                                                     quantile=fitted.quantile)))

@@ -100,6 +100,9 @@ DECODE_DESCRIPTIONS: dict[str, str] = {
     "top_k": "Dream: top-k sampling (with temperature > 0).",
     "eps": "Dream: schedule floor, ts = linspace(1, eps, S + 1) per block of S steps.",
     "rule": "Commit rule: 'full' (no early commit), 'prophet', 'gap_parallel' or 'confidence_threshold'.",
+    "progress": "How Prophet's progress picks the threshold: 'exact' (steps consumed / steps, exact "
+                "thirds) or 'reference' (generate_earlyexit's (step + 1) / steps, cut at 0.33 and 0.67); "
+                "a paper_* preset sets 'reference' unless progress is given.",
     "thresholds": "Prophet thresholds (high, mid, low) for the three thirds of the step budget, "
                   "non-increasing; or use `preset` or `calibration`.",
     "region": "Positions whose gaps Prophet watches: 'anchor' (after the anchor text), 'window' or "
@@ -222,6 +225,8 @@ class JobConfig(_Section):
         d["host"] = d["host"] or host
         if extra["preset"] is not None:
             d["thresholds"] = PRESETS[extra["preset"]]
+            if extra["preset"].startswith("paper") and "progress" not in self.decoding.model_fields_set:
+                d["progress"] = "reference"  # the paper's thresholds were tuned with its own progress
         if extra["anchor"] is not None:
             d["anchor_ids"] = anchor_ids
         try:

@@ -14,6 +14,7 @@ Rule = Literal["full", "prophet", "gap_parallel", "confidence_threshold"]
 Region = Literal["anchor", "window", "block"]
 Statistic = Literal["mean", "min", "quantile"]
 Cache = Literal["none", "prefix", "dual"]
+Progress = Literal["exact", "reference"]
 
 # Prophet thresholds (tau_high, tau_mid, tau_low) in logit units, applied over the first,
 # middle and last third of the step budget. "default" is the project's; the others are the
@@ -57,6 +58,9 @@ class DecodeConfig:
     # Commit rule
     rule: Rule = "full"
     thresholds: tuple[float, float, float] = PRESETS["default"]
+    # how progress p picks the threshold: "exact" p = steps consumed / steps, cut at exact thirds;
+    # "reference" Prophet's generate_earlyexit, p = (step index + 1) / steps, cut at 0.33 and 0.67
+    progress: Progress = "exact"
     region: Region = "window"         # anchor window, still-masked positions of the window, or of the block
     statistic: Statistic = "mean"     # how per-position gaps pool into one number
     quantile: float = 0.1             # used when statistic == "quantile"
@@ -137,6 +141,7 @@ class DecodeConfig:
         if "decode" not in data or unknown:
             raise ConfigError(f"{path}: a calibration file holds {{'decode': {{...}}}} with keys "
                               f"{sorted(allowed)}; unknown: {sorted(unknown)}")
+        check_calibrated_with(self, data.get("calibrated_with"), path)
         upd = dict(data["decode"])
         if "thresholds" in upd:
             upd["thresholds"] = tuple(upd["thresholds"])
@@ -150,9 +155,24 @@ class DecodeConfig:
         return d
 
 
+def check_calibrated_with(cfg: DecodeConfig, fitted: dict | None, path: str | Path) -> None:
+    """Refuse thresholds fitted under other decoding settings: every field the calibration recorded
+    (LLaDA's remasking only for the LLaDA host, Dream's alg only for Dream; a file without
+    `progress` was fitted with "exact") must equal this config's, else ConfigError naming them."""
+    if not fitted:
+        return
+    fitted = {"progress": "exact", **fitted}
+    skip = {"alg"} if cfg.host == "llada" else {"remasking"}
+    differ = [f"{k} (calibrated {v!r}, here {getattr(cfg, k)!r})" for k, v in fitted.items()
+              if k not in skip and hasattr(cfg, k) and getattr(cfg, k) != v]
+    if differ:
+        raise ConfigError(f"{path} was calibrated under other settings: {'; '.join(differ)}. Decode with the "
+                          "calibrated settings, recalibrate (jobs/calibrate.py), or pass thresholds explicitly")
+
+
 def _check_literals(cfg: DecodeConfig) -> None:
     hints = {"host": Host, "remasking": Remasking, "alg": DreamAlg, "rule": Rule,
-             "region": Region, "statistic": Statistic, "cache": Cache}
+             "region": Region, "statistic": Statistic, "cache": Cache, "progress": Progress}
     for name, lit in hints.items():
         value, choices = getattr(cfg, name), get_args(lit)
         if value not in choices:

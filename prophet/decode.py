@@ -20,8 +20,10 @@ Semantics shared with the oracle (`prophet.reference`), for the cases SPEC leave
   region never commits.
 - The anchor is written once: committed positions never change and the all-in fill writes
   masked positions only, so re-applying it after each step would be a no-op.
-- `confidence_eos_eot_inf`: positions whose proposed token is EOS/EoT rank after all others
-  (committed last) and never pass a parallel rule's threshold.
+- `confidence_eos_eot_inf`: as LLaDA's reference at temperature 0, the confidence is the softmax
+  taken with EOS/EoT at -inf after x0 is chosen (0 for a position proposing them, the others
+  renormalised); such positions also rank after all others and never pass a parallel rule's
+  threshold (at temperature > 0 the reference demotes only EoT, a known bug; here both).
 - `gap_parallel` and `confidence_threshold` also commit ceil(masks left / steps left) per step,
   so a block always finishes within its budget. `confidence_threshold` replaces the host's
   schedule (Fast-dLLM); `gap_parallel` adds to it. Probabilities are the host's own: LLaDA's
@@ -387,7 +389,8 @@ def _prophet_gaps(batch: _Batch, idx: torch.Tensor, valid: torch.Tensor,
     return wgap.gather(1, midx), mvalid
 
 
-def _proposals(span: _Span, t: dict[str, torch.Tensor], idx: torch.Tensor, cfg: DecodeConfig) -> Proposal:
+def _proposals(span: _Span, t: dict[str, torch.Tensor], idx: torch.Tensor, cfg: DecodeConfig,
+               stops: tuple[int, ...]) -> Proposal:
     """The host's proposal at every candidate (B, C), a chunk of positions at a time; token draws
     from the row's seed, its forward pass and the window position (prophet.noise)."""
     B, C = idx.shape
@@ -399,7 +402,7 @@ def _proposals(span: _Span, t: dict[str, torch.Tensor], idx: torch.Tensor, cfg: 
     for c0 in range(0, B * C, span.chunk()):
         sl = slice(c0, c0 + span.chunk())
         x = span.rows(b[sl], col[sl])
-        parts.append(propose(x, cfg, None if keys is None else token_uniforms(keys[sl], x.shape[-1])))
+        parts.append(propose(x, cfg, None if keys is None else token_uniforms(keys[sl], x.shape[-1]), stops))
     return Proposal(*(None if f[0] is None else torch.cat(f).view(B, C) for f in zip(*parts)))
 
 
@@ -458,7 +461,7 @@ def _step(model: DLM, batch: _Batch) -> list[list[int]]:
     masked = t["canvas"] == plan.mask_id  # (B, G)
     in_block = plan.block_of[None, :] == t["block"][:, None]
     idx, valid = compact(masked & in_block & live[:, None], max(1, max(s.n_cand for s in batch.slots)))
-    tau = prophet_tau(t["block"] * plan.S + t["sstep"], cfg.steps, cfg.thresholds)
+    tau = prophet_tau(t["block"] * plan.S + t["sstep"], cfg.steps, cfg.thresholds, cfg.progress)
     commit = torch.zeros_like(live)
     if cfg.rule == "prophet":
         _summarise(t, span)
@@ -470,7 +473,7 @@ def _step(model: DLM, batch: _Batch) -> list[list[int]]:
         t["cstep"] = torch.where(commit, t["used"], t["cstep"])
         t["cgap"] = torch.where(commit, pooled, t["cgap"])
         valid = valid & ~commit[:, None]
-    prop = _proposals(span, t, idx, cfg)
+    prop = _proposals(span, t, idx, cfg, plan.stops)
     position_u = (position_uniforms(counter_key(t["seed"], t["used"], idx, POSITION_STREAM))
                   if random_positions(cfg) else None)
     sel = _propose(plan, t, prop, valid, position_u, tau)

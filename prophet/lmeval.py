@@ -101,10 +101,10 @@ def build_config(args: dict[str, Any], default_host: str, calibration: str | Pat
     given = {k: coerce_field(k, v) for k, v in args.items()}
     gen = given.get("gen_length", max_gen_toks or DecodeConfig.gen_length)
     base = {"host": default_host, "gen_length": gen, "steps": gen}
-    cfg = DecodeConfig(**(base | {k: v for k, v in given.items() if k in ("host", "gen_length", "steps")}))
-    if calibration is not None:
-        cfg = cfg.with_calibration(calibration)
-    return replace(cfg, **given)
+    cfg = DecodeConfig(**(base | given))
+    if calibration is not None:  # checked against the settings it was fitted with; explicit fields win
+        cfg = replace(cfg.with_calibration(calibration), **given)
+    return cfg
 
 
 @dataclass

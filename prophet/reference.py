@@ -102,8 +102,11 @@ def _decode_row(model: DLM, prompt: list[int], cfg: DecodeConfig, seed: int, dev
                 view = torch.zeros(G, scored.shape[-1], device=device)
             view[lo:lo + width] = scored
             logits = view
-            p = (b * S + s) / cfg.steps
-            tau = cfg.thresholds[0] if p < 1 / 3 else cfg.thresholds[1] if p < 2 / 3 else cfg.thresholds[2]
+            if cfg.progress == "reference":  # generate_earlyexit: (step index + 1) / steps, 0.33 and 0.67
+                p, cuts = (b * S + s + 1) / cfg.steps, (0.33, 0.67)
+            else:
+                p, cuts = (b * S + s) / cfg.steps, (1 / 3, 2 / 3)
+            tau = cfg.thresholds[0] if p < cuts[0] else cfg.thresholds[1] if p < cuts[1] else cfg.thresholds[2]
             if cfg.rule == "prophet":
                 g = _pooled_gap(logits, masked, cand, cfg)
                 if g >= tau:  # go all in: every masked position of the window, later blocks too
@@ -161,7 +164,7 @@ def _update(window: torch.Tensor, logits: torch.Tensor, cand: torch.Tensor, cfg:
     n = pos.numel()
     lc = logits[pos]  # (n, V)
     u = token_uniforms(draws(pos, TOKEN_STREAM), lc.shape[-1]) if cfg.temperature > 0 else None
-    prop = propose(lc, cfg, u)
+    prop = propose(lc, cfg, u, stop_ids(model))
     x0, prob = prop.x0, prop.prob
     upos = position_uniforms(draws(pos, POSITION_STREAM)) if random_positions(cfg) else None
     reveal = [False] * n

@@ -185,15 +185,21 @@ class Proposal(NamedTuple):
     gap: torch.Tensor
 
 
-def propose(x: torch.Tensor, cfg: DecodeConfig, u: torch.Tensor | None) -> Proposal:
+def propose(x: torch.Tensor, cfg: DecodeConfig, u: torch.Tensor | None, stops: tuple[int, ...] = ()) -> Proposal:
     """(n, V) float32 logits as the step uses them, (n, V) token uniforms (temperature > 0) -> Proposal.
 
-    LLaDA: argmax or Gumbel-max x0, its softmax probability. Dream: its tempered, filtered
-    distribution, argmax or a draw, and the alg's confidence.
+    LLaDA: argmax or Gumbel-max x0, its softmax probability; with `confidence_eos_eot_inf` the
+    softmax is taken with the `stops` (EOS/EoT) logits at -inf after x0 is chosen, as LLaDA's
+    reference does: a position proposing a stop gets confidence 0 and the others' probabilities
+    are renormalised. Dream: its tempered, filtered distribution, argmax or a draw, and the alg's
+    confidence.
     """
     gap = top2_gap(x)
     if cfg.host == "llada":
         x0 = x.argmax(-1) if cfg.temperature == 0 else gumbel_argmax(x, u, cfg.temperature)
+        if cfg.confidence_eos_eot_inf and stops:
+            x = x.clone()
+            x[:, list(stops)] = float("-inf")
         prob = softmax_of(x, x0)
         return Proposal(x0, prob, prob, gap)
     probs = dream_probs(x, cfg.temperature, cfg.top_p, cfg.top_k)

@@ -38,13 +38,21 @@ def dream_schedule(n: torch.Tensor, i: torch.Tensor, steps: int, eps: float) -> 
     return torch.where(i >= steps - 1, n, k)
 
 
-def prophet_tau(position: torch.Tensor, steps: int, thresholds: tuple[float, float, float]) -> torch.Tensor:
-    """tau(p) for p = position / steps (B,): high below 1/3, mid below 2/3, low after (float64).
+def prophet_tau(position: torch.Tensor, steps: int, thresholds: tuple[float, float, float],
+                progress: str = "exact") -> torch.Tensor:
+    """tau(p) (B,) for rows that consumed `position` schedule steps (0-based index of this step), float64.
 
-    Compared in integers (3 * position < steps) so that p exactly at a third is never rounded
-    to the wrong side; float64 so that a gap meets the threshold exactly as written.
+    "exact": p = position / steps, high below 1/3, mid below 2/3, low after, compared in integers
+    (3 * position < steps) so that p exactly at a third is never rounded to the wrong side.
+    "reference": Prophet's generate_earlyexit, p = (position + 1) / steps against 0.33 and 0.67
+    in float64 (the paper's thresholds were tuned with it; it drops a threshold one step earlier
+    at T = 24, 32 or 256, for example). Float64 so that a gap meets the threshold exactly as written.
     """
     high, mid, low = thresholds
+    if progress == "reference":
+        p = (position + 1).double() / steps
+        tau = torch.where(p < 0.33, high, torch.where(p < 0.67, mid, low))
+        return tau.to(torch.float64)
     third = 3 * position
     tau = torch.where(third < steps, high, torch.where(third < 2 * steps, mid, low))
     return tau.to(torch.float64)

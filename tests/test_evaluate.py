@@ -55,7 +55,7 @@ def test_refinement_matters_on_running_parity_for_llada():
 def test_shipped_calibration_is_accepted_and_met_its_constraint(model_dir):
     path = model_dir / "calibration.json"
     data = json.loads(path.read_text())
-    cfg = DecodeConfig(gen_length=24, steps=24).with_calibration(path)
+    cfg = DecodeConfig(**data["calibrated_with"]).with_calibration(path)  # the settings it was fitted with
     assert cfg.rule == "prophet" and cfg.thresholds == tuple(data["decode"]["thresholds"])
     val = data["validation"]
     floor = val["full"]["accuracy"] - val["tolerance_points"] / 100

@@ -99,8 +99,11 @@ def test_model_args_are_coerced_to_decode_config_fields():
     assert cfg.continuous is False and cfg.gen_length == 24
     assert build_config({"thresholds": "paper"}, "llada").thresholds == PRESETS["paper"]
     # a calibration file sets the rule; explicit fields win over it
-    cal = build_config({"gen_length": 24, "quantile": 0.3}, "llada", calibration=LLADA / "calibration.json")
+    cal = build_config({"gen_length": 24, "quantile": 0.3, "confidence_eos_eot_inf": True}, "llada",
+                       calibration=LLADA / "calibration.json")
     assert cal.rule == "prophet" and cal.quantile == 0.3
+    with pytest.raises(ConfigError, match="confidence_eos_eot_inf .calibrated True, here False"):
+        build_config({"gen_length": 24}, "llada", calibration=LLADA / "calibration.json")  # not its settings
     with pytest.raises(ConfigError, match="stepz"):
         build_config({"stepz": 3}, "llada")
     with pytest.raises(ConfigError, match="steps"):

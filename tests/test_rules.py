@@ -155,3 +155,22 @@ def test_count_generated_stops_at_the_first_stop_id():
 
 def test_cfg_mix_extrapolates_away_from_the_unconditional():
     assert cfg_mix(torch.tensor([2.0]), torch.tensor([1.0]), 1.5).tolist() == [3.5]
+
+
+def test_eos_eot_confidence_is_llada_references_renormalised_softmax():
+    # LLaDA's generate: x0 = argmax, then logits[:, eos] = logits[:, eot] = -inf, p = softmax(logits)
+    # [x0]; a position proposing EOS gets 0 and the others are renormalised, which can reorder them
+    from prophet.rules import propose
+    eos, eot = 0, 1
+    x = torch.tensor([[4.0, 3.9, 3.0, 0.0, 0.0],    # proposes EOS
+                      [3.0, -9.0, 3.05, -9.0, -9.0],  # token 2, half its mass on EOS
+                      [-9.0, -9.0, -9.0, 3.0, 0.0]])  # token 3
+    cfg = DecodeConfig(gen_length=8, steps=8, confidence_eos_eot_inf=True)
+    got = propose(x, cfg, None, (eos, eot))
+    ref = x.clone()
+    x0 = ref.argmax(-1)
+    ref[:, [eos, eot]] = float("-inf")
+    want = torch.softmax(ref, -1).gather(-1, x0[:, None])[:, 0]
+    assert got.x0.tolist() == [0, 2, 3] and torch.equal(got.prob, want) and got.prob[0] == 0
+    plain = propose(x, DecodeConfig(gen_length=8, steps=8), None, (eos, eot)).prob
+    assert plain[1] < plain[2] and got.prob[1] > got.prob[2]  # renormalising reorders rows 1 and 2

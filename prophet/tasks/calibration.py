@@ -31,7 +31,7 @@ SHAPES: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0, 3.0)
 STATISTICS: tuple[tuple[str, float], ...] = (("mean", 0.1), ("min", 0.1), ("quantile", 0.1), ("quantile", 0.25))
 # Decoding fields the thresholds were chosen under (recorded in the file; apply them too).
 HOST_FIELDS = ("host", "gen_length", "steps", "block_length", "remasking", "alg", "temperature",
-               "confidence_eos_eot_inf")
+               "confidence_eos_eot_inf", "progress")
 
 
 @dataclass(frozen=True)
