@@ -189,6 +189,7 @@ def bench_pipeline(args: argparse.Namespace) -> dict:
                 for i, ex in enumerate(t.examples("train", per_task, seed=0))]
         cal = model / "calibration.json"
         overrides = {"decoding.gen_length": 24, "decoding.steps": 24, "decoding.batch_size": args.batch_size,
+                     "decoding.confidence_eos_eot_inf": True,  # as the calibration was fitted
                      "execution.batch_size": args.pipeline_batch_size,
                      **({"decoding.calibration": str(cal)} if cal.exists() else {"decoding.rule": "prophet"})}
         out = measure(model, rows, Path(tmp), overrides)
