@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from prophet.models import DreamConfig, ModelLoadError, Tokenizer, load_model, save_model
+from prophet.models import DreamConfig, LLaDAConfig, ModelLoadError, Tokenizer, load_model, save_model
 from prophet.models.loading import SAFE_INDEX, check_model_dir
 from tests.test_models import tiny_module
 
@@ -239,3 +239,23 @@ def test_actor_renders_plain_prompts_as_one_user_message(tmp_path):
         ["<|im_start|>user\ndef add(a, b):<|im_end|>\n<|im_start|>assistant\n"]
     assert out[False].column("prompt").to_pylist() == ["def add(a, b):"]
     assert set(out[True].column("status").to_pylist()) == {"ok"}
+
+
+LLADA_FEATURES = {"block_type": "llama", "rope": True, "layer_norm_type": "rms", "activation_type": "silu",
+                  "weight_tying": False}
+
+
+def test_llada_absent_fields_take_configuration_llada_defaults():
+    c = LLaDAConfig.from_dict({"model_type": "llada", "architectures": ["LLaDAModelLM"], **LLADA_FEATURES})
+    # configuration_llada.py's ModelConfig: GPT-2 sizes, mlp_ratio * d_model, rope_theta 10,000
+    assert (c.d_model, c.n_heads, c.n_kv_heads, c.n_layers, c.mlp_hidden_size) == (768, 12, 12, 12, 3072)
+    assert (c.rope_theta, c.max_length, c.vocab_size, c.logit_width) == (10000.0, 1024, 50257, 50304)
+    assert (c.mask_token_id, c.eos_token_id, c.pad_token_id) == (50256, 50256, 50256)
+    assert LLaDAConfig.from_dict({**LLADA_FEATURES, "d_model": 64, "n_heads": 4, "mlp_ratio": 3}).mlp_hidden_size == 192
+
+
+@pytest.mark.parametrize("key", sorted(LLADA_FEATURES))
+def test_llada_absent_feature_whose_reference_default_is_unsupported_is_refused(key):
+    raw = {k: v for k, v in LLADA_FEATURES.items() if k != key}
+    with pytest.raises(ModelLoadError, match=f"no '{key}'"):
+        LLaDAConfig.from_dict({"model_type": "llada", **raw})

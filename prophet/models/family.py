@@ -22,6 +22,7 @@ class FamilyConfig:
     required_values: ClassVar[dict[str, tuple[Any, ...]]] = {}
     # config.json keys whose absence means the reference config class's default, where that
     # differs from the dataclass default (the dataclass defaults describe the flagship checkpoint).
+    # A required_values key listed here with an unsupported default is refused when absent.
     reference_defaults: ClassVar[dict[str, Any]] = {}
     # architectures of the same model_type that this implementation does not have, and why.
     other_architectures: ClassVar[dict[str, str]] = {}
@@ -56,9 +57,16 @@ class FamilyConfig:
             if key in raw and raw[key] not in allowed:
                 raise ModelLoadError(f"config.json: {key}={raw[key]!r} is not supported by the native "
                                      f"{cls.family} implementation (supported: {list(allowed)})")
+        for key, allowed in cls.required_values.items():  # absent: what the reference class means
+            if key not in raw and cls.reference_defaults.get(key, allowed[0]) not in allowed:
+                raise ModelLoadError(
+                    f"config.json has no {key!r}: {cls.family}'s reference config class then means "
+                    f"{cls.reference_defaults[key]!r}, which the native implementation does not support "
+                    f"(supported: {list(allowed)}); write the checkpoint's value into config.json")
         names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
         given = {k: v for k, v in raw.items() if k in names and v is not None}
-        return cls(**{**cls.reference_defaults, **given})
+        defaults = {k: v for k, v in cls.reference_defaults.items() if k in names}
+        return cls(**{**defaults, **given})
 
     def to_dict(self) -> dict:
         """config.json dict in the published family's own keys."""

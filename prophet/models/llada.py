@@ -20,7 +20,8 @@ class LLaDAConfig(FamilyConfig):
     n_heads: int = 32                    # query heads
     n_kv_heads: int | None = None        # key/value heads; None = n_heads
     n_layers: int = 32
-    mlp_hidden_size: int = 12288         # SwiGLU inner width
+    mlp_hidden_size: int | None = 12288  # SwiGLU inner width; None = mlp_ratio * d_model
+    mlp_ratio: int = 4
     vocab_size: int = 126464             # tokenizer vocabulary
     embedding_size: int | None = None    # rows of wte and the output head (logit width); None = vocab_size
     rope_theta: float = 500000.0
@@ -48,6 +49,16 @@ class LLaDAConfig(FamilyConfig):
         "layer_norm_type": ("rms",), "activation_type": ("silu",), "attention_layer_norm": (False,),
         "multi_query_attention": (None, False), "clip_qkv": (None,), "input_emb_norm": (False,),
     }
+    # configuration_llada.py's ModelConfig defaults (GPT-2's sizes): what an absent key means to
+    # the reference code. Absent block_type / rope / layer_norm_type / activation_type / weight_tying
+    # mean features this implementation does not have, so such a config.json is refused.
+    reference_defaults: ClassVar[dict] = {
+        "d_model": 768, "n_heads": 12, "n_kv_heads": None, "n_layers": 12, "mlp_ratio": 4,
+        "mlp_hidden_size": None, "rope_theta": 10000.0, "rms_norm_eps": 1e-5, "max_sequence_length": 1024,
+        "vocab_size": 50257, "embedding_size": 50304, "eos_token_id": 50256, "pad_token_id": 50256,
+        "mask_token_id": 50256, "block_type": "sequential", "rope": False, "layer_norm_type": "default",
+        "activation_type": "swiglu", "weight_tying": True,
+    }
     written_constants: ClassVar[dict] = {
         "block_type": "llama", "weight_tying": False, "include_bias": False, "include_qkv_bias": False,
         "rope": True, "layer_norm_type": "rms", "activation_type": "silu", "use_cache": False,
@@ -55,6 +66,7 @@ class LLaDAConfig(FamilyConfig):
 
     def __post_init__(self) -> None:
         self.n_kv_heads = self.n_kv_heads or self.n_heads
+        self.mlp_hidden_size = self.mlp_hidden_size or self.mlp_ratio * self.d_model
         self.embedding_size = self.embedding_size or self.vocab_size
         check_heads(self.d_model, self.n_heads, self.n_kv_heads)
 
