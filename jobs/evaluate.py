@@ -16,7 +16,8 @@ then the last stdout line is JSON: {"results": [{"model", "task", "rule", "accur
 --cache evaluates instead the block KV cache: blocks of `--cache-block` (8 on Sudoku's 24-position
 window, 3 blocks) at the task's steps, cache none / prefix / dual x Full / calibrated Prophet
 thresholds / confidence_threshold, with mean forward tokens and both ratios measured against Full
-without cache (its measured steps and forward tokens, not the budget).
+without cache (its measured steps and forward tokens, not the budget). `--cache-refresh-every K`
+(repeatable) adds each cached mode refreshing every K steps inside a block.
 """
 from __future__ import annotations
 
@@ -67,9 +68,10 @@ def rule_configs(model: TextDLM, task: Task, calibration: Path | None) -> list[t
 CACHES = ("none", "prefix", "dual")
 
 
-def cache_configs(model: TextDLM, task: Task, calibration: Path | None,
-                  block: int) -> list[tuple[str | None, DecodeConfig]]:
-    """Full, the calibrated Prophet thresholds and confidence_threshold, each with every cache mode, in blocks."""
+def cache_configs(model: TextDLM, task: Task, calibration: Path | None, block: int,
+                  refresh: Sequence[int] = ()) -> list[tuple[str | None, DecodeConfig]]:
+    """Full, the calibrated Prophet thresholds and confidence_threshold, each with every cache mode, in
+    blocks; each cached mode also with every cache_refresh_every in `refresh`."""
     full = replace(task_config(model, task), block_length=block)
     rules: list[tuple[str, DecodeConfig]] = [("full", full)]
     if calibration is not None:
@@ -81,15 +83,18 @@ def cache_configs(model: TextDLM, task: Task, calibration: Path | None,
     rules.append(("confidence_threshold", replace(full, rule="confidence_threshold", confidence=0.9)))
     out: list[tuple[str | None, DecodeConfig]] = []
     for name, cfg in rules:
-        for cache in CACHES:
-            c = replace(cfg, cache=cache)
-            label = rule_label(c, full.steps).split(" [")[0] + (" (calibrated)" if name == "prophet calibrated" else "")
-            out.append((f"{label} [{'no' if cache == 'none' else cache} cache, blocks of {block}]", c))
+        label = rule_label(cfg, full.steps) + (" (calibrated)" if name == "prophet calibrated" else "")
+        out.append((f"{label} [no cache, blocks of {block}]", cfg))
+        for cache in CACHES[1:]:
+            for every in (None, *refresh):
+                c = replace(cfg, cache=cache, cache_refresh_every=every)
+                again = f", refresh every {every}" if every else ""
+                out.append((f"{label} [{cache} cache, blocks of {block}{again}]", c))
     return out
 
 
 def evaluate_cache(model_dir: Path, task_names: Sequence[str], n: int, calibration: Path | None,
-                   block: int, seed: int = 0) -> list[dict]:
+                   block: int, seed: int = 0, refresh: Sequence[int] = ()) -> list[dict]:
     """The cache table: every cache mode x rule on n held-out prompts; ratios against Full without cache."""
     model = load_model(model_dir)
     cal = calibration or (model_dir / "calibration.json")
@@ -101,10 +106,10 @@ def evaluate_cache(model_dir: Path, task_names: Sequence[str], n: int, calibrati
         base = run_task(model, task, examples, task_config(model, task), seed=seed)  # Full, no cache, no blocks
         print(f"{model_dir.name:12s} {task.name:12s} {'full (no blocks, no cache): the reference':64s} "
               f"{100 * base.accuracy:6.1f}% {base.mean_steps:6.2f} {base.mean_forward_tokens:8.1f}")
-        for label, cfg in cache_configs(model, task, cal, block):
+        for label, cfg in cache_configs(model, task, cal, block, refresh):
             out = run_task(model, task, examples, cfg, label=label, seed=seed)
             row = out.row(model_dir.name, task.name) | {
-                "cache": cfg.cache, "block_length": block,
+                "cache": cfg.cache, "block_length": block, "cache_refresh_every": cfg.cache_refresh_every,
                 "accuracy_vs_full_points": round(100 * (out.accuracy - base.accuracy), 2),
                 "step_ratio_vs_full": round(base.mean_steps / out.mean_steps, 3),
                 "forward_token_ratio_vs_full": round(base.mean_forward_tokens / out.mean_forward_tokens, 3)}
@@ -154,6 +159,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--cache", action="store_true", help="evaluate the KV cache modes instead (see above)")
     p.add_argument("--cache-block", type=int, default=8, help="--cache: block length")
+    p.add_argument("--cache-refresh-every", type=int, action="append", default=[], metavar="K",
+                   help="--cache: also run each cached mode refreshing every K steps inside a block "
+                        "(repeatable)")
     return p.parse_args(argv)
 
 
@@ -168,7 +176,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         print(f"{'model':12s} {'task':12s} {'rule':64s} {'acc':>7s} {'steps':>6s} {'fwd tok':>8s} "
               f"{'steps/full':>7s} {'tok/full':>7s}")
         results = [row for m in models
-                   for row in evaluate_cache(m, tasks, args.n, args.calibration, args.cache_block, args.seed)]
+                   for row in evaluate_cache(m, tasks, args.n, args.calibration, args.cache_block, args.seed,
+                                             args.cache_refresh_every)]
         print(json.dumps({"results": results}))
         return {"results": results}
     print(f"{'model':12s} {'task':12s} {'rule':48s} {'acc':>7s} {'steps':>6s} / budget speedup")

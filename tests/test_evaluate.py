@@ -158,3 +158,26 @@ def test_calibrate_chooses_a_setting_the_real_decoder_confirms_and_records_half(
     # Full and Half both solve these 48 puzzles: no early commit can be more accurate than Half
     with pytest.raises(RuntimeError, match=r"and above Half \(1.0000\).*--no-beat-half"):
         calibrate(model, task, examples, tolerance=2.0, log=lambda _: None)
+
+
+def test_evaluate_cache_table_refresh_every_step_equals_no_cache(capsys):
+    """--cache rows per rule: no cache, prefix, dual, each also refreshed every step; a refresh at
+    every step is exactly no cache (tokens, steps and forward tokens); a cache without refresh
+    sends fewer positions through the model."""
+    evaluate = load_job("evaluate")
+    out = evaluate.main(["--cache", "--task", "sudoku4", "--n", "6", "--model", str(SHIPPED[0]),
+                         "--cache-refresh-every", "1", "--threads", "1"])
+    rows = out["results"]
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == out
+    assert len(rows) == 3 * (1 + 2 * 2)  # full, prophet, confidence_threshold x (none + 2 caches x 2)
+    for i in range(0, len(rows), 5):
+        none, *cached = rows[i:i + 5]
+        assert none["cache"] == "none" and none["cache_refresh_every"] is None
+        for row in cached:
+            fresh = row["cache_refresh_every"] == 1
+            if fresh:
+                assert (row["accuracy"], row["mean_steps"], row["mean_forward_tokens"]) == \
+                    (none["accuracy"], none["mean_steps"], none["mean_forward_tokens"]), row
+            else:
+                assert row["mean_forward_tokens"] < none["mean_forward_tokens"], row
+            assert row["forward_token_ratio_vs_full"] > 0
