@@ -10,17 +10,20 @@ one run (runs interleaved, the best of `--repeats` counts). The positions alone 
 from __future__ import annotations
 
 import argparse
-import time
 from dataclasses import replace
+from functools import partial
 
 import torch
 
+from benchmarks.harness import Table, interleaved
 from prophet import DecodeConfig, decode
 from prophet.models import CHAR_TOKEN_IDS, LLaDAConfig, LLaDAModel, NativeAdapter, char_tokenizer
 
 CACHES = ("none", "prefix", "dual")
 RULES = {"full": dict(rule="full"), "confidence_threshold": dict(rule="confidence_threshold", confidence=0.9),
          "prophet": dict(rule="prophet", region="window", statistic="min")}
+CASES_TABLE = Table(("rule", "<21"), ("cache", "<7"), ("wall s", "8.2f"), ("wall/none", "9.3f"),
+                    ("fwd tokens", "11d"), ("tok/none", "8.3f"), ("mean steps", "10.1f"))
 
 
 def random_llada(width: int = 256, layers: int = 4, vocab: int = 4096, seed: int = 0) -> NativeAdapter:
@@ -38,7 +41,7 @@ def workload(n: int, prompt: int, vocab: int, seed: int = 0) -> list[list[int]]:
     return torch.randint(first, vocab, (n, prompt), generator=g).tolist()
 
 
-def bench_cache(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace) -> dict:
     """Wall time and forward tokens of one decode per cache mode and rule; ratios over none."""
     model = random_llada(vocab=args.cache_vocab)
     prompts = workload(args.cache_slots, args.cache_prompt, args.cache_vocab)
@@ -46,31 +49,24 @@ def bench_cache(args: argparse.Namespace) -> dict:
     base = DecodeConfig(gen_length=G, steps=G, block_length=args.cache_block, batch_size=args.cache_slots,
                         thresholds=(8.0, 5.0, 3.0))
     cases = [(rule, cache) for rule in RULES for cache in CACHES]
-    best: dict[tuple[str, str], float] = {}
-    tokens: dict[tuple[str, str], int] = {}
-    steps: dict[tuple[str, str], float] = {}
-    for _ in range(args.repeats):
-        for rule, cache in cases:  # interleaved: load from other processes hits every case alike
-            cfg = replace(base, cache=cache, **RULES[rule])
-            t0 = time.perf_counter()
-            res = decode(model, prompts, cfg)
-            best[rule, cache] = min(best.get((rule, cache), float("inf")), time.perf_counter() - t0)
-            tokens[rule, cache] = int(res.forward_tokens.sum())
-            steps[rule, cache] = float(res.steps_used.double().mean())
+    runs = interleaved({(rule, cache): partial(decode, model, prompts, replace(base, cache=cache, **RULES[rule]))
+                        for rule, cache in cases}, args.repeats)
+    best = {case: t.wall_s for case, t in runs.items()}
+    tokens = {case: int(t.result.forward_tokens.sum()) for case, t in runs.items()}
+    steps = {case: float(t.result.steps_used.double().mean()) for case, t in runs.items()}
     out: dict = {"model": model.name, "prompt": args.cache_prompt, "window": G, "block": args.cache_block,
                  "slots": args.cache_slots, "threads": torch.get_num_threads(), "cases": []}
     print(f"cache: {model.name}, vocab {args.cache_vocab}, prompt {args.cache_prompt}, window {G}, "
           f"blocks of {args.cache_block}, {args.cache_slots} slots/prompts, best of {args.repeats}")
-    print(f"  {'rule':<21} {'cache':<7} {'wall s':>8} {'wall/none':>9} {'fwd tokens':>11} {'tok/none':>8} "
-          f"{'mean steps':>10}")
+    print(CASES_TABLE.header())
     for rule, cache in cases:
         wall_ratio = best[rule, cache] / best[rule, "none"]
         tok_ratio = tokens[rule, cache] / tokens[rule, "none"]
         out["cases"].append({"rule": rule, "cache": cache, "wall_s": best[rule, cache],
                              "forward_tokens": tokens[rule, cache], "mean_steps": steps[rule, cache],
                              "wall_ratio": wall_ratio, "token_ratio": tok_ratio})
-        print(f"  {rule:<21} {cache:<7} {best[rule, cache]:8.2f} {wall_ratio:9.3f} {tokens[rule, cache]:11d} "
-              f"{tok_ratio:8.3f} {steps[rule, cache]:10.1f}")
+        print(CASES_TABLE.row(rule, cache, best[rule, cache], wall_ratio, tokens[rule, cache], tok_ratio,
+                              steps[rule, cache]))
     for cache in ("prefix", "dual"):
         out[f"{cache}_wall_ratio"] = best["full", cache] / best["full", "none"]
         out[f"{cache}_token_ratio"] = tokens["full", cache] / tokens["full", "none"]

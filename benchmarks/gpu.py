@@ -18,17 +18,17 @@ from dataclasses import replace
 
 import torch
 
+from benchmarks.forward import MODELS, measure_forward, parse_shapes, print_shapes, random_llada
+from benchmarks.harness import Table, sync
 from prophet import DecodeConfig, decode
 from prophet.models import NativeAdapter, char_tokenizer
 
 CACHES = ("none", "prefix", "dual")
 RULES = {"full": dict(rule="full"), "prophet": dict(rule="prophet", region="window", statistic="min"),
          "confidence_threshold": dict(rule="confidence_threshold", confidence=0.9)}
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+NEEDS_GPU = True  # not in jobs/bench.py's default sections without one
+DECODE_TABLE = Table(("cache", "<7"), ("rule", "<21"), ("wall s", "8.2f"), ("tok/s", "9.1f"), ("fwd tokens", "11d"),
+                     ("peak GiB", "8.2f"))
 
 
 def decode_table(model: NativeAdapter, base: DecodeConfig, prompts: list[list[int]], budget_s: float) -> list[dict]:
@@ -44,10 +44,10 @@ def decode_table(model: NativeAdapter, base: DecodeConfig, prompts: list[list[in
             if device.type == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)
-            _sync(device)
+            sync(device)
             t0 = time.perf_counter()
             res = decode(model, prompts, replace(base, cache=cache, **kw))
-            _sync(device)
+            sync(device)
             wall = time.perf_counter() - t0
             rows.append({"cache": cache, "rule": rule, "wall_s": wall,
                          "tokens_per_s": len(prompts) * base.gen_length / wall,
@@ -58,10 +58,8 @@ def decode_table(model: NativeAdapter, base: DecodeConfig, prompts: list[list[in
     return rows
 
 
-def bench_gpu(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace) -> dict:
     """Forward MFU, then the decode table; prints both, returns the JSON object."""
-    from benchmarks.forward import MODELS, measure_forward, parse_shapes, random_llada
-
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.gpu_model == "llada-8b" and device.type != "cuda":
         raise SystemExit("bench gpu: LLaDA-8B needs a GPU; --gpu-model tiny runs the same code on a CPU")
@@ -72,9 +70,7 @@ def bench_gpu(args: argparse.Namespace) -> dict:
                           peak_n=args.peak_n if device.type == "cuda" else 256)
     print(f"gpu: forward of {args.gpu_model} (random {fwd['dtype']}) on {fwd['device']}, "
           f"matmul peak {fwd['matmul_peak_tflops']:.1f} TFLOP/s")
-    for r in fwd["shapes"]:
-        print(f"  {r['batch']:>4} x {r['seq']:<5} {1e3 * r['seconds']:9.2f} ms {r['tflops']:8.2f} TFLOP/s "
-              f"MFU {100 * r['mfu']:5.1f}%")
+    print_shapes(fwd)
     model = NativeAdapter(random_llada(cfg, device, dtype), char_tokenizer(), name=f"random-{args.gpu_model}")
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, cfg.vocab_size, (args.gpu_slots, args.gpu_prompt), generator=g)
@@ -86,14 +82,13 @@ def bench_gpu(args: argparse.Namespace) -> dict:
     rows = decode_table(model, base, prompts, budget)
     print(f"gpu: decode, prompt {args.gpu_prompt}, window {args.gpu_window}, blocks of {args.gpu_block}, "
           f"{args.gpu_steps} steps, {args.gpu_slots} slots")
-    print(f"  {'cache':<7} {'rule':<21} {'wall s':>8} {'tok/s':>9} {'fwd tokens':>11} {'peak GiB':>8}")
+    print(DECODE_TABLE.header())
     for r in rows:
         if "skipped" in r:
             print(f"  {r['cache']:<7} {r['rule']:<21} skipped: {r['skipped']}")
             continue
-        mem = f"{r['peak_memory_gib']:8.2f}" if r["peak_memory_gib"] is not None else f"{'-':>8}"
-        print(f"  {r['cache']:<7} {r['rule']:<21} {r['wall_s']:8.2f} {r['tokens_per_s']:9.1f} "
-              f"{r['forward_tokens']:11d} {mem}")
+        print(DECODE_TABLE.row(r["cache"], r["rule"], r["wall_s"], r["tokens_per_s"], r["forward_tokens"],
+                               r["peak_memory_gib"]))
     return {"forward": fwd, "decode": rows, "total_s": time.perf_counter() - t0}
 
 

@@ -22,11 +22,13 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.harness import ROOT, Table
 from prophet import DecodeConfig, decode
 from prophet.models import CHAR_TOKEN_IDS, DreamConfig, DreamModel, LLaDAConfig, LLaDAModel, NativeAdapter, char_tokenizer
 
 VOCAB = 126_464
 RULES = {"full": dict(rule="full"), "prophet": dict(rule="prophet", thresholds=(1e9, 1e9, 1e9))}  # never commits
+CASES_TABLE = Table(("host", "<6"), ("temp", "5.1f"), ("rule", "<8"), ("peak MB", "9.0f"), ("peak/logits", "11.2f"))
 
 
 def random_model(host: str, vocab: int = VOCAB, width: int = 64) -> NativeAdapter:
@@ -92,24 +94,21 @@ def measure(rows: int, window: int, steps: int, vocab: int) -> dict:
     return out
 
 
-def bench_memory(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace) -> dict:
     """Run `measure` (in a child process on the CPU, see the module docstring) and print the table."""
     params = dict(rows=args.memory_rows, window=args.memory_window, steps=args.memory_steps, vocab=args.memory_vocab)
     if torch.cuda.is_available():
         out = measure(**params)
     else:
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
-        root = Path(__file__).resolve().parents[1]
         code = f"import json; from benchmarks.memory import measure; print(json.dumps(measure(**{params!r})))"
-        proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True,
+        proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True,
                               check=True)
         out = json.loads(proc.stdout.strip().splitlines()[-1])
     print(f"memory: one-layer random models, vocab {out['vocab']}, bf16, {out['rows']} rows, window {out['window']}, "
           f"{out['steps']} steps, {out['device']}; bf16 window logits {out['logits_mb']:.0f} MB")
-    print(f"  {'host':<6} {'temp':>5} {'rule':<8} {'peak MB':>9} {'peak/logits':>11}")
-    for c in out["cases"]:
-        print(f"  {c['host']:<6} {c['temperature']:5.1f} {c['rule']:<8} {c['peak_mb']:9.0f} "
-              f"{c['peak_over_logits']:11.2f}")
+    CASES_TABLE.print([(c["host"], c["temperature"], c["rule"], c["peak_mb"], c["peak_over_logits"])
+                       for c in out["cases"]])
     print(f"  worst {out['peak_over_logits']:.2f} (target <= 2.0)")
     return out
 

@@ -1,4 +1,4 @@
-"""The pipeline's overhead: steady-state rows/s through Ray actors over the bare decode loop.
+"""`--section pipeline`: the pipeline's overhead, steady-state rows/s through Ray actors over the bare decode loop.
 
 `measure` decodes the same prompts twice with the same model and settings: once in this process
 (`prophet.decode`, one call, `bare_threads` torch threads) and once through `pipeline.run.run` on a
@@ -9,6 +9,7 @@ spin-up and model loads, the first batch's wait, the final count and shutdown).
 """
 from __future__ import annotations
 
+import argparse
 import json
 import time
 from pathlib import Path
@@ -74,8 +75,10 @@ def measure(model_dir: Path, rows: list[dict], work_dir: Path, overrides: dict, 
     """
     import os
 
+    from pipeline import output
     from pipeline.config import load_job_config
-    from pipeline.run import plan_job, run
+    from pipeline.run import plan_job
+    from pipeline.run import run as run_job
 
     src = work_dir / "prompts.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -91,10 +94,10 @@ def measure(model_dir: Path, rows: list[dict], work_dir: Path, overrides: dict, 
 
     load_before = os.getloadavg()[0]
     before = bare_pair()
-    summary = run(cfg, log=lambda _: None)
+    summary = run_job(cfg, log=lambda _: None)
     after = bare_pair()
     table = pa.concat_tables([pq.read_table(p, columns=["worker_id", "finished_at", "status"])
-                              for p in sorted((work_dir / "out").glob("*.parquet"))])
+                              for p in output.part_files(str(work_dir / "out"))])
     rate, window = steady_rate(table)
     bare, bare1 = (before[0] + after[0]) / 2, (before[1] + after[1]) / 2
     return {"ratio": round(rate / bare, 3), "startup_s": round(summary.wall_s - len(rows) / rate, 2),
@@ -121,3 +124,38 @@ def random_tiny_llada(out_dir: Path, max_length: int = 64) -> Path:
     module = LLaDAModel(LLaDAConfig(d_model=32, n_heads=2, n_layers=1, mlp_hidden_size=64,
                                     vocab_size=tok.vocab_size, max_sequence_length=max_length, **CHAR_TOKEN_IDS))
     return save_model(module, tok, out_dir)
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Pipeline steady rows/s (2 actors x 1 thread, local Ray) over the bare decode loop (one process,
+    2 threads) on the same prompts, model and settings, and the fixed start-up seconds."""
+    import tempfile
+
+    from benchmarks.harness import ROOT, TINY_LLADA
+    from prophet.tasks import TASKS
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model = TINY_LLADA if (TINY_LLADA / "config.json").exists() else random_tiny_llada(Path(tmp) / "rand")
+        per_task = args.pipeline_prompts // len(TASKS)
+        rows = [{"id": f"{t.name}-{i}", "prompt": ex.prompt} for t in TASKS.values()
+                for i, ex in enumerate(t.examples("train", per_task, seed=0))]
+        cal = model / "calibration.json"
+        overrides = {"decoding.gen_length": 24, "decoding.steps": 24, "decoding.batch_size": args.batch_size,
+                     "decoding.confidence_eos_eot_inf": True,  # as the calibration was fitted
+                     "execution.batch_size": args.pipeline_batch_size,
+                     **({"decoding.calibration": str(cal)} if cal.exists() else {"decoding.rule": "prophet"})}
+        out = measure(model, rows, Path(tmp), overrides)
+    out["model"] = str(model.relative_to(ROOT)) if model == TINY_LLADA else "random-init tiny LLaDA (no checkpoint)"
+    print(f"pipeline: {out['rows']} prompts, {out['model']}, rule {out['decode']['rule']}, "
+          f"{out['actors']} actors x 1 thread vs bare loop x {out['bare_threads']} threads")
+    print(f"  pipeline steady {out['pipeline_rows_per_s']:.1f} rows/s over {out['steady_window_s']:.1f}s; bare "
+          f"{out['bare_rows_per_s']:.1f} rows/s (before/after {out['bare_before_after']}); ratio {out['ratio']:.2f}")
+    print(f"  vs two ideal 1-thread loops ({out['bare_1thread_rows_per_s']:.1f} rows/s each): {out['ratio_vs_ideal']:.2f}; "
+          f"start-up {out['startup_s']:.1f}s of {out['wall_s']:.1f}s wall; load avg {out['load_avg_1min']}")
+    return out
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The section's flags (its slots are batching's --batch-size)."""
+    p.add_argument("--pipeline-prompts", type=int, default=2048, help="pipeline: prompts (half per task)")
+    p.add_argument("--pipeline-batch-size", type=int, default=128, help="pipeline: rows per actor call")

@@ -196,14 +196,37 @@ def manifest_path(out_dir: str) -> str | None:
     return None
 
 
+class ManifestError(JobConfigError):
+    """A manifest exists but is not a readable JSON object. `detail` names the file, the problem
+    and the fix without the field prefix, for readers other than the job (jobs/report.py)."""
+
+    def __init__(self, path: str, problem: str) -> None:
+        self.path = path
+        self.detail = (f"{path}: {problem}; restore it from a copy, or rerun the job with --overwrite to "
+                       "start the directory over")
+        super().__init__(f"output.dir: {self.detail}")
+
+
 def read_manifest(out_dir: str) -> dict | None:
-    """The manifest of an output directory (see manifest_path), None where there is none yet."""
+    """The manifest of an output directory (see manifest_path), None where there is none yet.
+
+    The one reader of manifests: the job's resume check and the report both call it. A manifest
+    that is there but cannot be read, is not JSON or holds no JSON object raises ManifestError.
+    """
     path = manifest_path(out_dir)
     if path is None:
         return None
     fs, _ = filesystem(out_dir)
-    with fs.open_input_stream(path) as f:
-        return json.loads(f.read().decode())
+    try:
+        with fs.open_input_stream(path) as f:
+            data = json.loads(f.read().decode())
+    except OSError as e:
+        raise ManifestError(path, f"cannot be read ({e})") from e
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ManifestError(path, f"not valid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise ManifestError(path, f"holds a {type(data).__name__}, expected a JSON object")
+    return data
 
 
 def write_manifest(out_dir: str, manifest: dict[str, Any]) -> None:

@@ -30,6 +30,27 @@ def test_steady_rate_falls_back_to_the_whole_span_when_windows_do_not_overlap():
     assert rate == pytest.approx(3 / 9)  # rows after the start (0.0 excluded) over the span
 
 
+def test_interleaved_runs_cases_in_turn_keeping_the_best_time_and_last_result():
+    from benchmarks.harness import interleaved
+
+    calls = []
+    runs = interleaved({"a": lambda: calls.append("a") or len(calls), "b": lambda: calls.append("b") or len(calls)}, 3)
+    assert calls == ["a", "b"] * 3  # interleaved, so load from other processes hits both alike
+    assert (runs["a"].result, runs["b"].result) == (5, 6)
+    assert all(0 <= t.wall_s < 1 and 0 <= t.cpu_s < 1 for t in runs.values())
+
+
+def test_table_aligns_titles_as_their_cells_and_prints_none_as_a_dash():
+    from benchmarks.harness import Table
+
+    t = Table(("mode", "<6"), ("n", ">3"), ("s", "6.2f"))
+    assert t.header() == "  mode     n      s"
+    assert t.row("cont", 12, 1.5) == "  cont    12   1.50"
+    assert t.row("b1", 3, None) == "  b1       3      -"
+    with pytest.raises(ValueError):
+        t.row("too", "few")
+
+
 def test_bench_batching_section_runs_and_reports_every_mode():
     bench = load_job("bench")
     out = bench.main(["--section", "batching", "--prompts", "12", "--batch1-prompts", "3", "--repeats", "1",

@@ -312,6 +312,26 @@ def test_parts_are_atomic_and_resume_reads_their_ids(tmp_path):
     assert output.part_files(out) == [] and output.read_manifest(out) is None
 
 
+@pytest.mark.parametrize("text,problem", [("{not json", "not valid JSON"), ("[1, 2]", "holds a list")])
+def test_a_corrupt_manifest_is_one_clear_error_for_resume_and_report(tmp_path, tiny_model_dir, text, problem):
+    """output.read_manifest is the one reader: the job's resume check and the report name the same file and fix."""
+    from pipeline.report import ReportError, read_manifest as report_manifest
+    from pipeline.run import plan_job, prepare_output
+
+    out = tmp_path / "out"
+    out.mkdir()
+    output.write_part(_rows(["a"]), str(out), output.part_name("r1", 0))
+    (out / ".manifest.json").write_text(text)
+    (tmp_path / "in.jsonl").write_text('{"prompt": "S:1="}\n')
+    cfg = load_job_config(None, base(tmp_path, **{"model.dir": str(tiny_model_dir), "decoding.gen_length": 8,
+                                                  "decoding.steps": 8}))
+    with pytest.raises(JobConfigError, match=rf"^output\.dir: .*\.manifest\.json: {problem}.*--overwrite"):
+        prepare_output(plan_job(cfg))
+    with pytest.raises(ReportError) as info:
+        report_manifest(out)
+    assert str(info.value).startswith(f"{out / '.manifest.json'}: {problem}") and "--overwrite" in str(info.value)
+
+
 def test_a_foreign_unreadable_parquet_in_the_output_is_refused(tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "part-x.parquet").write_bytes(b"garbage")

@@ -433,7 +433,7 @@ def test_hidden_temporary_parts_and_subfolders_are_not_rows(tmp_path):
 
 
 def test_throughput_timeline_holds_every_row_of_each_worker(run_dir):
-    from pipeline.plots import throughput_series
+    from pipeline.report.plots import throughput_series
 
     path, rows = run_dir
     scan = scan_run(path)

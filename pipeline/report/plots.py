@@ -3,10 +3,15 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
+if TYPE_CHECKING:
+    from pipeline.report.scan import RunScan
+
+PLOT_FILES = {"steps": "steps_used.png", "commit": "commit_step.png", "throughput": "throughput.png",
+              "accuracy": "accuracy_vs_steps.png"}
 _TIME_BINS = 60  # throughput plot resolution: at most this many bins over the run
 
 
@@ -88,3 +93,15 @@ def plot_accuracy_vs_steps(labels: Sequence[str], mean_steps: Sequence[float], a
     ax.set(title="Accuracy against mean steps", xlabel="mean steps used", ylabel="accuracy (%)")
     ax.grid(alpha=0.3)
     return _save(fig, Path(path))
+
+
+def write_plots(scan: RunScan, out_dir: str | Path) -> list[str]:
+    """The steps-used and commit-step histograms and the per-worker throughput plot; their paths."""
+    out, s = Path(out_dir), scan.report["steps"]
+    return [str(p) for p in (
+        plot_histogram(scan.steps_counts, out / PLOT_FILES["steps"], "Steps used (ok rows)",
+                       "steps used", s["budget_mean"]),
+        plot_histogram(scan.commit_counts, out / PLOT_FILES["commit"], "Commit step (rows committed early)",
+                       "commit step", s["budget_mean"]),
+        plot_throughput(scan.timeline, scan.tick, out / PLOT_FILES["throughput"], scan.start_time),
+    )]
