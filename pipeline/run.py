@@ -29,7 +29,7 @@ from typing import Any, Callable
 import pyarrow as pa
 
 from pipeline import io as pio
-from pipeline import output, storage
+from pipeline import nodes, output, storage
 from pipeline.actor import ActorSpec
 from pipeline.config import JobConfig, JobConfigError
 from pipeline.stage import NOT_IN_SETTINGS, DecodeStage, StageConfig, StagePlan, plan_stage  # noqa: F401
@@ -387,11 +387,17 @@ def _pool_did_not_start(cfg: JobConfig, cluster: dict, res: Resources) -> Pipeli
         "gpus_per_actor: 0 to run on CPU")
 
 
-def execute(ds: Any, sink: Any, cfg: JobConfig, cluster: dict, res: Resources) -> None:
-    """Run the pipeline; a pool that cannot start (no GPU, say) fails within the configured wait."""
+def execute(ds: Any, sink: Any, cfg: JobConfig, cluster: dict, res: Resources,
+            alive_at_start: dict[str, dict] | None = None) -> None:
+    """Run the pipeline; a pool that cannot start (no GPU, say) fails within the configured wait, and
+    a node of `alive_at_start` (`pipeline.nodes.alive_nodes`) lost mid-job stops it with an error naming the node."""
     try:
-        ds.write_datasink(sink)
+        with nodes.quiet_node_loss_traces():
+            ds.write_datasink(sink)
     except Exception as e:
+        lost = nodes.explain_node_loss(e, alive_at_start or {}, nodes.nodes_now)
+        if lost is not None:
+            raise PipelineError(lost) from None
         failed_write = _write_failure(e)
         if failed_write is not None:
             first_line = str(failed_write).splitlines()[0]  # Ray appends its retry advice below
@@ -476,6 +482,7 @@ def _decode_all(plan: Plan, done: Any, run_id: str, t0: float, old: dict | None,
     cfg, out = plan.cfg, plan.cfg.output.dir
     try:
         cluster = {k: float(v) for k, v in ray.cluster_resources().items()}
+        alive_at_start = nodes.alive_nodes(ray.nodes())  # to name a node lost mid-job
         res = resolve_resources(cfg, cluster, _largest_node_cpus())
         log(f"Ray {'started' if started else 'joined'} at {time.time() - t0:.1f}s: {cluster.get('CPU', 0):g} CPUs, "
             f"{cluster.get('GPU', 0):g} GPUs; {cfg.execution.actors} actors x {res.cpus:g} CPU, {res.gpus:g} GPU")
@@ -486,7 +493,7 @@ def _decode_all(plan: Plan, done: Any, run_id: str, t0: float, old: dict | None,
             reserve_pool(cfg, cluster, res)
             counter = start_fallback_counter(run_id)
             ds, sink = build_dataset(plan, res, done, run_id, fallback_counter=f"prophet-fallbacks-{run_id}")
-            execute(ds, sink, cfg, cluster, res)
+            execute(ds, sink, cfg, cluster, res, alive_at_start)
             fallbacks = ray.get(counter.report.remote())
         except BaseException as e:
             _mark_failed(out, manifest, e)
