@@ -4,7 +4,7 @@ The head and the worker each run in their own process group on free ports (token
 for any local cluster); each test kills its worker's group with SIGKILL (its raylet and its
 workers, as a preempted node) and stops the groups at the end, never another Ray on the machine.
 The head (with its dashboard, for `ray job submit`) is shared by the module's tests; each test
-joins a fresh worker node. Slow (about 2-3 min each on 2 cores): marked ray and slow.
+joins a fresh worker node. Slow (both together 3 min on 2 cores, each alone about 2 min): marked ray and slow.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -37,13 +38,26 @@ def _env() -> dict:
 
 
 def start_node(args: list[str], env: dict) -> subprocess.Popen:
-    """`ray start --block ...` in a process group of its own, every port free and explicit."""
+    """`ray start --block ...` in a process group of its own, every port free and explicit; its output goes
+    to a temporary file (`.log`), shown if the node does not come up."""
     ports = {flag: free_port() for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
                                              "runtime-env-agent-port", "metrics-export-port", "node-manager-port",
                                              "object-manager-port")}
-    return subprocess.Popen([str(BIN / "ray"), "start", "--block", "--disable-usage-stats", *args,
+    log = tempfile.NamedTemporaryFile("w+", prefix="ray-start-", suffix=".log", delete=False)
+    proc = subprocess.Popen([str(BIN / "ray"), "start", "--block", "--disable-usage-stats", *args,
                              *(f"--{k}={v}" for k, v in ports.items())],
-                            env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
+    proc.log = log.name
+    return proc
+
+
+def _came_up(proc: subprocess.Popen, what: str, ready) -> None:
+    """Wait for `ready()`; a node whose `ray start` fails is reported with the end of its output."""
+    try:
+        wait_for(lambda: ready() or proc.poll() is not None, 120, what)
+        assert proc.poll() is None, f"ray start exited with {proc.returncode}"
+    except AssertionError as e:
+        raise AssertionError(f"{e}; ray start said: {Path(proc.log).read_text()[-3000:]}") from None
 
 
 def cluster_nodes(address: str, env: dict) -> list[dict]:
@@ -74,12 +88,13 @@ def head():
                        "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
                        f"--ray-client-server-port={free_port()}", '--resources={"head_node": 1}'], env)
     try:
-        _wait_for_dashboard(dash, proc)
         cluster = Cluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}", proc)
-        wait_for(lambda: alive_nodes(cluster.address, env) >= 1, 120, "the head")
+        _came_up(proc, "the head", lambda: alive_nodes(cluster.address, env) >= 1)
+        _wait_for_dashboard(dash, proc)
         yield cluster
     finally:
         _stop_group(proc)
+        Path(proc.log).unlink(missing_ok=True)
 
 
 @pytest.fixture
@@ -93,12 +108,12 @@ def two_nodes(head):
     worker = start_node([f"--address={head.address}", "--num-cpus=2", '--resources={"worker_a": 1}'], env)
     try:
         joined: list[dict] = []
-        wait_for(lambda: joined.extend(n for n in cluster_nodes(head.address, env)
-                                       if n["Alive"] and n["NodeID"] not in before) or joined, 120,
-                 "the worker node to join")
+        _came_up(worker, "the worker node to join", lambda: joined.extend(
+            n for n in cluster_nodes(head.address, env) if n["Alive"] and n["NodeID"] not in before) or joined)
         yield head, worker, joined[0]["NodeID"]
     finally:
         _stop_group(worker)
+        Path(worker.log).unlink(missing_ok=True)
 
 
 def _pool_of_two(args: list[str]) -> list[str]:
