@@ -29,7 +29,7 @@ from typing import Any, Callable
 import pyarrow as pa
 
 from pipeline import io as pio
-from pipeline import nodes, output, storage
+from pipeline import leftovers, nodes, output, storage
 from pipeline.actor import ActorSpec
 from pipeline.config import JobConfig, JobConfigError
 from pipeline.stage import NOT_IN_SETTINGS, DecodeStage, StageConfig, StagePlan, plan_stage  # noqa: F401
@@ -263,8 +263,11 @@ def _diff(old: dict, new: dict, prefix: str = "") -> str:
 
 # ----------------------------------------------------------------------------- Ray
 
-def connect_ray(cfg: JobConfig) -> bool:
-    """Connect to the job's Ray, or start a local one; returns True when this call started it."""
+def connect_ray(cfg: JobConfig, log: Callable[[str], None] = print) -> bool:
+    """Connect to the job's Ray, or start a local one; returns True when this call started it.
+
+    Before a local one starts, the agents a SIGKILLed earlier job's local Ray left running are ended
+    (`pipeline.leftovers`): they hold memory and the dashboard agent's port for minutes."""
     import ray
 
     if ray.is_initialized():
@@ -279,6 +282,7 @@ def connect_ray(cfg: JobConfig) -> bool:
         # so token auth (on by default in Ray 2.60) would only get in the way of `ray` CLI tools.
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         cpus = cfg.execution.local_cpus or (os.cpu_count() or 1) + 1
+        leftovers.end_leftovers(log)
         # "local": a new instance even where `ray start` left a cluster (or its address file) behind
         ray.init(address="local", num_cpus=cpus, include_dashboard=False)
         return True
@@ -468,7 +472,7 @@ def run(cfg: JobConfig, log: Callable[[str], None] = print) -> Summary:
 def _run_on_ray(plan: Plan, done: Any, run_id: str, t0: float, old: dict | None,
                 log: Callable[[str], None]) -> tuple[dict, dict]:
     """Connect to Ray, then decode with SIGTERM turned into Interrupted; (manifest, fallback report)."""
-    started = connect_ray(plan.cfg)
+    started = connect_ray(plan.cfg, log)
     # after ray.init, which installs its own SIGTERM handler (it aborts the driver without a word)
     with _sigterm_interrupts():
         return _decode_all(plan, done, run_id, t0, old, log, started)

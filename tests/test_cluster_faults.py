@@ -1,13 +1,20 @@
-"""Cluster faults without a cluster: naming a lost node (pipeline.nodes).
+"""Cluster faults without a cluster: naming a lost node (pipeline.nodes), ending what a SIGKILLed
+driver's local Ray left running (pipeline.leftovers).
 
-Fast: Ray's own exception classes and `ray.nodes()`-shaped lists. The real node loss is
+Fast: Ray's own exception classes and `ray.nodes()`-shaped lists; real processes that look like
+Ray's agents to the detection, holding files of a fake session tree. The real node loss is
 tests/test_nodes.py (slow).
 """
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
 
-from pipeline import nodes
+from pipeline import leftovers, nodes
 
 HEAD = {"NodeID": "aa" * 28, "Alive": True, "NodeManagerAddress": "10.0.0.1", "NodeManagerPort": 40001,
         "Resources": {"CPU": 3.0, "head_node": 1.0, "node:10.0.0.1": 1.0, "memory": 1e9}}
@@ -109,3 +116,74 @@ def test_a_gcs_that_cannot_answer_names_nothing(broken):
         raise broken
 
     assert nodes.explain_node_loss(_unavailable(), {HEAD["NodeID"]: HEAD}, listing, wait_s=0) is None
+
+
+# ----------------------------------------------------------------------------- leftovers of a killed local Ray
+
+def _spawn(title: str, *extra: str, hold: Path | None = None) -> subprocess.Popen:
+    """A real process whose command line starts with `title` (as Ray's workers retitle themselves), holding
+    `hold` open for a minute."""
+    code = "import sys, time; f = [open(a) for a in sys.argv[1:2] if a]; time.sleep(60)"
+    return subprocess.Popen([title, "-c", code, str(hold or ""), *extra], executable=sys.executable)
+
+
+def _session(root: Path, name: str) -> Path:
+    d = root / "ray" / name
+    (d / "logs").mkdir(parents=True)
+    for f in ("dashboard_agent.log", "runtime_env_agent.log"):
+        (d / "logs" / f).write_text("")
+    return d
+
+
+def _wait_open(procs: list[subprocess.Popen], paths: list[Path]) -> None:
+    import psutil
+
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        held = {f.path for p in procs for f in psutil.Process(p.pid).open_files()}
+        if all(str(p) in held for p in paths):
+            return
+        time.sleep(0.1)
+    raise AssertionError("the fake agents did not open their logs")
+
+
+def test_the_agents_of_a_dead_ray_session_are_ended_and_a_live_sessions_are_left(tmp_path):
+    dead = _session(tmp_path, "session_2026-12-03_08-37-58_839758_2824")   # its driver was SIGKILLed
+    live = _session(tmp_path, "session_2026-12-03_09-00-00_000001_3000")   # its raylet runs
+    procs = [
+        _spawn("ray::DashboardAgent", hold=dead / "logs" / "dashboard_agent.log"),
+        _spawn("ray::RuntimeEnvAgent", hold=dead / "logs" / "runtime_env_agent.log"),
+        _spawn("ray::DashboardAgent", hold=live / "logs" / "dashboard_agent.log"),
+        _spawn("raylet", f"--raylet_socket_name={live}/sockets/raylet", f"--session_dir={live}"),
+        _spawn("ray::IDLE"),                                                # in no session we can tell
+        _spawn("python", hold=dead / "logs" / "dashboard_agent.log"),      # not Ray's: never touched
+    ]
+    try:
+        _wait_open(procs[:3], [dead / "logs" / "dashboard_agent.log", dead / "logs" / "runtime_env_agent.log",
+                               live / "logs" / "dashboard_agent.log"])
+        ours = {p.pid for p in procs}
+        mine = [p for p in leftovers.scan() if p.pid in ours]  # never another process of the machine
+        assert {p.pid for p in mine} == ours
+        lines: list[str] = []
+        ended = leftovers.end_leftovers(lines.append, procs=mine)
+        assert sorted(p.pid for p in ended) == sorted([procs[0].pid, procs[1].pid])
+        for p in procs[:2]:
+            assert p.wait(timeout=10) is not None
+        assert all(p.poll() is None for p in procs[2:])
+        assert len(lines) == 1 and str(dead) in lines[0] and f"{procs[0].pid} ray::DashboardAgent" in lines[0]
+        assert leftovers.end_leftovers(lines.append, procs=[p for p in leftovers.scan() if p.pid in ours]) == []
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+
+
+def test_session_directories_are_read_from_paths_and_arguments():
+    s = "/tmp/ray/session_2026-12-03_11-58-07_255619_6451"
+    assert leftovers.session_of([f"{s}/logs/raylet.out"]) == s
+    assert leftovers.session_of([f"--raylet_socket_name={s}/sockets/raylet"]) == s
+    assert leftovers.session_of(["/tmp/ray/session_latest/logs/x", "/home/u/notes.txt"]) is None
+    gcs = leftovers.Proc(1, ("/venv/ray/core/src/ray/gcs/gcs_server", f"--log_dir={s}/logs"))
+    agent = leftovers.Proc(2, ("ray::RuntimeEnvAgent",), (f"{s}/logs/runtime_env_agent.log",))
+    assert leftovers.stale([gcs, agent]) == {} and leftovers.stale([agent]) == {s: [agent]}
