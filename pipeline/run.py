@@ -29,7 +29,7 @@ from typing import Any, Callable
 import pyarrow as pa
 
 from pipeline import io as pio
-from pipeline import output, storage
+from pipeline import leftovers, nodes, output, storage
 from pipeline.actor import ActorSpec
 from pipeline.config import JobConfig, JobConfigError
 from pipeline.stage import NOT_IN_SETTINGS, DecodeStage, StageConfig, StagePlan, plan_stage  # noqa: F401
@@ -263,8 +263,11 @@ def _diff(old: dict, new: dict, prefix: str = "") -> str:
 
 # ----------------------------------------------------------------------------- Ray
 
-def connect_ray(cfg: JobConfig) -> bool:
-    """Connect to the job's Ray, or start a local one; returns True when this call started it."""
+def connect_ray(cfg: JobConfig, log: Callable[[str], None] = print) -> bool:
+    """Connect to the job's Ray, or start a local one; returns True when this call started it.
+
+    Before a local one starts, the agents a SIGKILLed earlier job's local Ray left running are ended
+    (`pipeline.leftovers`): they hold memory and the dashboard agent's port for minutes."""
     import ray
 
     if ray.is_initialized():
@@ -279,6 +282,7 @@ def connect_ray(cfg: JobConfig) -> bool:
         # so token auth (on by default in Ray 2.60) would only get in the way of `ray` CLI tools.
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         cpus = cfg.execution.local_cpus or (os.cpu_count() or 1) + 1
+        leftovers.end_leftovers(log)
         # "local": a new instance even where `ray start` left a cluster (or its address file) behind
         ray.init(address="local", num_cpus=cpus, include_dashboard=False)
         return True
@@ -387,11 +391,17 @@ def _pool_did_not_start(cfg: JobConfig, cluster: dict, res: Resources) -> Pipeli
         "gpus_per_actor: 0 to run on CPU")
 
 
-def execute(ds: Any, sink: Any, cfg: JobConfig, cluster: dict, res: Resources) -> None:
-    """Run the pipeline; a pool that cannot start (no GPU, say) fails within the configured wait."""
+def execute(ds: Any, sink: Any, cfg: JobConfig, cluster: dict, res: Resources,
+            alive_at_start: dict[str, dict] | None = None) -> None:
+    """Run the pipeline; a pool that cannot start (no GPU, say) fails within the configured wait, and
+    a node of `alive_at_start` (`pipeline.nodes.alive_nodes`) lost mid-job stops it with an error naming the node."""
     try:
-        ds.write_datasink(sink)
+        with nodes.quiet_node_loss_traces():
+            ds.write_datasink(sink)
     except Exception as e:
+        lost = nodes.explain_node_loss(e, alive_at_start or {}, nodes.nodes_now)
+        if lost is not None:
+            raise PipelineError(lost) from None
         failed_write = _write_failure(e)
         if failed_write is not None:
             first_line = str(failed_write).splitlines()[0]  # Ray appends its retry advice below
@@ -462,7 +472,7 @@ def run(cfg: JobConfig, log: Callable[[str], None] = print) -> Summary:
 def _run_on_ray(plan: Plan, done: Any, run_id: str, t0: float, old: dict | None,
                 log: Callable[[str], None]) -> tuple[dict, dict]:
     """Connect to Ray, then decode with SIGTERM turned into Interrupted; (manifest, fallback report)."""
-    started = connect_ray(plan.cfg)
+    started = connect_ray(plan.cfg, log)
     # after ray.init, which installs its own SIGTERM handler (it aborts the driver without a word)
     with _sigterm_interrupts():
         return _decode_all(plan, done, run_id, t0, old, log, started)
@@ -476,6 +486,7 @@ def _decode_all(plan: Plan, done: Any, run_id: str, t0: float, old: dict | None,
     cfg, out = plan.cfg, plan.cfg.output.dir
     try:
         cluster = {k: float(v) for k, v in ray.cluster_resources().items()}
+        alive_at_start = nodes.alive_nodes(ray.nodes())  # to name a node lost mid-job
         res = resolve_resources(cfg, cluster, _largest_node_cpus())
         log(f"Ray {'started' if started else 'joined'} at {time.time() - t0:.1f}s: {cluster.get('CPU', 0):g} CPUs, "
             f"{cluster.get('GPU', 0):g} GPUs; {cfg.execution.actors} actors x {res.cpus:g} CPU, {res.gpus:g} GPU")
@@ -486,7 +497,7 @@ def _decode_all(plan: Plan, done: Any, run_id: str, t0: float, old: dict | None,
             reserve_pool(cfg, cluster, res)
             counter = start_fallback_counter(run_id)
             ds, sink = build_dataset(plan, res, done, run_id, fallback_counter=f"prophet-fallbacks-{run_id}")
-            execute(ds, sink, cfg, cluster, res)
+            execute(ds, sink, cfg, cluster, res, alive_at_start)
             fallbacks = ray.get(counter.report.remote())
         except BaseException as e:
             _mark_failed(out, manifest, e)
