@@ -34,6 +34,7 @@ def s3_endpoint():
     import boto3
 
     boto3.client("s3", endpoint_url=url, region_name="us-east-1").create_bucket(Bucket=BUCKET)
+    storage.use_endpoint(url)  # for this process's own listings, whichever test runs first
     yield url
     server.stop()
     os.environ.pop("AWS_ENDPOINT_URL_S3", None)  # run() exported the endpoint of this (now stopped) server
