@@ -30,6 +30,12 @@ def alive_nodes(nodes: Iterable[dict]) -> dict[str, dict]:
     return {n["NodeID"]: n for n in nodes if n.get("Alive")}
 
 
+def largest_cpus(alive: dict[str, dict]) -> float | None:
+    """CPUs of the biggest of the alive nodes (an actor must fit on one); None without nodes."""
+    cpus = [n["Resources"].get("CPU", 0.0) for n in alive.values()]
+    return max(cpus) if cpus else None
+
+
 def node_loss_error(e: BaseException | None) -> BaseException | None:
     """The Ray error in `e`'s chain that a lost node causes (Ray Data re-raises it with a SystemException cause)."""
     seen: set[int] = set()

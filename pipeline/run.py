@@ -289,14 +289,6 @@ def connect_ray(cfg: JobConfig, log: Callable[[str], None] = print) -> bool:
     return False
 
 
-def _largest_node_cpus() -> float | None:
-    """CPUs of the biggest alive node (an actor must fit on one)."""
-    import ray
-
-    cpus = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
-    return max(cpus) if cpus else None
-
-
 @dataclass(frozen=True)
 class Resources:
     """Per-actor resources decided from the config and the cluster."""
@@ -486,8 +478,8 @@ def _decode_all(plan: Plan, done: Any, run_id: str, t0: float, old: dict | None,
     cfg, out = plan.cfg, plan.cfg.output.dir
     try:
         cluster = {k: float(v) for k, v in ray.cluster_resources().items()}
-        alive_at_start = nodes.alive_nodes(ray.nodes())  # to name a node lost mid-job
-        res = resolve_resources(cfg, cluster, _largest_node_cpus())
+        alive_at_start = nodes.alive_nodes(ray.nodes())  # to size actors, and to name a node lost mid-job
+        res = resolve_resources(cfg, cluster, nodes.largest_cpus(alive_at_start))
         log(f"Ray {'started' if started else 'joined'} at {time.time() - t0:.1f}s: {cluster.get('CPU', 0):g} CPUs, "
             f"{cluster.get('GPU', 0):g} GPUs; {cfg.execution.actors} actors x {res.cpus:g} CPU, {res.gpus:g} GPU")
         manifest = _manifest(plan, old, run_id, t0, cluster, res)

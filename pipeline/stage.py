@@ -162,12 +162,14 @@ class DecodeStage:
         if self._resources is None:
             import ray
 
-            from pipeline.run import _largest_node_cpus, resolve_resources
+            from pipeline import nodes
+            from pipeline.run import resolve_resources
 
             if not ray.is_initialized():
                 ray.init()  # what Ray Data does on first use: a local Ray, or RAY_ADDRESS's cluster
             cluster = {k: float(v) for k, v in ray.cluster_resources().items()}
-            self._resources = resolve_resources(self.cfg, cluster, _largest_node_cpus())
+            alive = nodes.alive_nodes(nodes.nodes_now())
+            self._resources = resolve_resources(self.cfg, cluster, nodes.largest_cpus(alive))
         return self._resources
 
     def actor_spec(self) -> ActorSpec:
