@@ -250,10 +250,15 @@ def hf_num_rows(path: str) -> int:
 
 def peek(cfg: InputConfig, fmt: str, max_files: int = 64) -> pa.Schema:
     """Schema of the first non-empty chunk of the input, read without Ray (for up-front checks)."""
+    return peek_rows(cfg, fmt, max_files).schema
+
+
+def peek_rows(cfg: InputConfig, fmt: str, max_files: int = 64) -> pa.Table:
+    """The first non-empty chunk of the input (up to CHUNK_ROWS rows), read without Ray."""
     if fmt == "hf":
         if hf_num_rows(cfg.path) == 0:
             raise JobConfigError(f"input.path: {cfg.path} has no rows")
-        return next(read_hf_range(cfg.path, 0, 1)).schema
+        return next(read_hf_range(cfg.path, 0, 1))
     if fmt == "hf" and storage.is_remote(cfg.path):
         raise JobConfigError(f"input.path: a saved `datasets` directory must be local ({cfg.path}); "
                              "export it to Parquet for object storage")
@@ -263,7 +268,7 @@ def peek(cfg: InputConfig, fmt: str, max_files: int = 64) -> pa.Schema:
             raw: Any = _maybe_gunzip(fh, Path(file))
             for table in read_file(fmt, raw, Path(file).name, cfg.prompt_column):
                 if table.num_rows:
-                    return table.schema
+                    return table
     raise JobConfigError(f"input.path: {cfg.path} has no rows (looked at {min(len(files), max_files)} files)")
 
 

@@ -118,6 +118,40 @@ def uses_template(cfg: StageConfig) -> bool:
     return found
 
 
+TEMPLATE_TRIES = 8  # rows tried before a template that fails on each of them is refused
+
+
+def check_chat_template(cfg: StageConfig, template: bool, rows: pa.Table) -> None:
+    """Render the first rows of the input through the model's chat template before any worker starts:
+    a template that fails on every row tried (one that always raises) is refused with its own message,
+    instead of a job that loads the model everywhere and ends with every row an error row."""
+    from pipeline.actor import prompt_text
+    from prophet.models import ModelLoadError, Tokenizer
+
+    if not (template or cfg.messages_column):
+        return
+    try:
+        render = Tokenizer.from_dir(cfg.model.dir).render_chat
+    except ModelLoadError:
+        return  # a tokenizer only transformers reads: its actors report template errors row by row
+    failures = []
+    for row in rows.slice(0, 64).to_pylist():
+        _, error = prompt_text(row.get(cfg.prompt_column), row.get(cfg.messages_column or ""),
+                               cfg.messages_column is not None, render, template)
+        if error is None:
+            return
+        if error.startswith("chat template failed"):
+            failures.append(error)
+            if len(failures) == TEMPLATE_TRIES:
+                break
+    if failures:
+        fix = ("fix the template" if cfg.messages_column else
+               "fix the template, or set input.chat_template: never to send the prompts as they are")
+        raise JobConfigError(f"model.dir: the chat template of {cfg.model.dir} (tokenizer_config.json "
+                             f"'chat_template' or chat_template.jinja) failed on each of the first "
+                             f"{len(failures)} rows of the input; the first: {failures[0].removeprefix('chat template failed: ')}. {fix}")
+
+
 def token_ids(model_dir: str) -> dict:
     """The special ids decoding uses, from config.json (a native family's, never the tokenizer's pad,
     which may differ: DiffuCoder pads with 151667 in its tokenizer and 151643 in config.json).

@@ -301,7 +301,7 @@ def test_parts_are_atomic_and_resume_reads_their_ids(tmp_path):
     output.write_manifest(out, {"status": "running"})
     output.write_part(_rows(["a", "b"], note=["x", "y"]), out, output.part_name("r1", 0))
     (tmp_path / "out" / ".part-r1-000001.parquet.tmp").write_bytes(b"half written")
-    assert [Path(p).name for p in output.part_files(out)] == ["part-r1-000000.parquet"]
+    assert [Path(p).name for p in output.part_files(out)] == ["part-r1-000000-000000.parquet"]
     assert sorted(output.done_ids(out).to_pylist()) == ["a", "b"]
     assert output.remove_temp_files(out) == 1
     t = pq.read_table(output.part_files(out)[0])

@@ -249,7 +249,7 @@ def test_a_part_write_that_hits_enospc_leaves_nothing_behind(tmp_path, monkeypat
     monkeypatch.setattr(output.pq, "write_table", disk_fills_up)
     table = pa.Table.from_pylist([{"id": f"r{i}", "status": "ok", "prompt": "x" * 50} for i in range(50)],
                                  schema=OUTPUT_SCHEMA)
-    with pytest.raises(output.OutputWriteError, match=r"^output\.dir: cannot write part-r-000000\.parquet into .*"
+    with pytest.raises(output.OutputWriteError, match=r"^output\.dir: cannot write part-r-000000-000000\.parquet into .*"
                                                       r"No space left on device"):
         output.write_part(table, str(out), output.part_name("r", 0))
     assert list(out.iterdir()) == []  # neither a visible part nor its temp file
