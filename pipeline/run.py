@@ -21,6 +21,7 @@ import socket
 import sys
 import threading
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ from pipeline import leftovers, nodes, output, storage
 from pipeline.actor import ActorSpec
 from pipeline.config import JobConfig, JobConfigError
 from pipeline.stage import NOT_IN_SETTINGS, DecodeStage, StageConfig, StagePlan, plan_stage  # noqa: F401
+from prophet.config import CalibrationWarning
 
 VERSIONED = ("prophet-dlm", "torch", "ray", "deepspeed", "pyarrow", "datasets", "pydantic", "tokenizers",
              "safetensors", "transformers")
@@ -332,16 +334,21 @@ def actor_spec(plan: Plan, res: Resources) -> ActorSpec:
 
 
 def build_dataset(plan: Plan, res: Resources, done: Any, run_id: str, fallback_counter: str | None = None):
-    """read -> ids, drop done -> (limit) -> the decode stage -> (dataset, sink); nothing runs yet."""
+    """read -> ids, drop done prompts -> (limit) -> samples -> the decode stage -> (dataset, sink); nothing
+    runs yet. The limit counts prompts, so --limit 20 --num-samples 3 writes 60 rows."""
     from pipeline.datasources import PartSink, read_dataset
 
     cfg = plan.cfg
+    n = cfg.decoding.num_samples
     ds = read_dataset(cfg.input, plan.fmt)
-    ds = ds.map_batches(pio.ids_not_done, batch_format="pyarrow", batch_size=None,
+    ds = ds.map_batches(pio.prompts_not_done, batch_format="pyarrow", batch_size=None,
                         fn_kwargs={"id_column": cfg.input.id_column, "done": done, "schema": plan.input_schema,
-                                   "num_samples": cfg.decoding.num_samples})
+                                   "num_samples": n})
     if cfg.input.limit:
         ds = ds.limit(cfg.input.limit)
+    if n > 1:
+        ds = ds.map_batches(pio.samples_not_done, batch_format="pyarrow", batch_size=None,
+                            fn_kwargs={"done": done, "num_samples": n})
     return decode_stage(plan, res, fallback_counter)(ds), PartSink(cfg.output.dir, run_id, cfg.execution.rows_per_file)
 
 
@@ -424,7 +431,7 @@ def _write_failure(e: BaseException | None) -> output.OutputWriteError | None:
 def run(cfg: JobConfig, log: Callable[[str], None] = print) -> Summary:
     """Run a generation job to the end (or resume it); returns what this run did."""
     t0 = time.time()
-    plan = plan_job(cfg)
+    plan = _plan_logging_calibration_warnings(cfg, log)
     if cfg.decoding.num_samples > 1 and samples_identical(plan.decode):
         log(f"warning: decoding.num_samples={cfg.decoding.num_samples} with temperature 0, alg_temp 0 and "
             "low-confidence remasking: every sample of a row will be identical; set --temperature > 0 "
@@ -459,6 +466,20 @@ def run(cfg: JobConfig, log: Callable[[str], None] = print) -> Summary:
     _finish_manifest(manifest, summary, counts)
     output.write_manifest(out, manifest)
     return summary
+
+
+def _plan_logging_calibration_warnings(cfg: JobConfig, log: Callable[[str], None]) -> Plan:
+    """plan_job, with a calibration's path warning (prophet.config.CalibrationWarning) said once in the
+    job's log, where the user reads the rest; other warnings go on as they came."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plan = plan_job(cfg)
+    for w in caught:
+        if issubclass(w.category, CalibrationWarning):
+            log(f"warning: {w.message}")
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    return plan
 
 
 def _run_on_ray(plan: Plan, done: Any, run_id: str, t0: float, old: dict | None,

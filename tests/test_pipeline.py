@@ -268,6 +268,13 @@ def test_given_ids_are_strings_and_null_ids_fall_back_with_an_error():
     assert out.column(INPUT_ERROR).to_pylist() == [None, "k is null or empty", None]
     kept = pio.ids_not_done(batch, "k", pa.array(["5"]))
     assert kept.column("id").to_pylist() == ["f:1", "7"]
+    # Several samples: a prompt is done when all its samples are; --limit (between the two) counts prompts.
+    done = pa.array(["5#0", "5#1", "7#1"])
+    prompts = pio.prompts_not_done(batch, "k", done, num_samples=2)
+    assert prompts.column("id").to_pylist() == ["f:1", "7"]
+    samples = pio.samples_not_done(prompts, done, num_samples=2)
+    assert samples.column("id").to_pylist() == ["f:1#0", "f:1#1", "7#0"]  # 7 only its missing sample
+    assert pio.ids_not_done(batch, "k", done, num_samples=2).equals(samples)
     own = pio.assign_ids(batch.append_column("id", pa.array(["a", "b", "c"])), None)
     assert own.column("id").to_pylist() == ["f:0", "f:1", "f:2"]  # derived, as asked
     assert own.column("input_id").to_pylist() == ["a", "b", "c"]  # the input's "id" kept, not overwritten
