@@ -30,7 +30,7 @@ from typing import Any, Callable
 import pyarrow as pa
 
 from pipeline import io as pio
-from pipeline import leftovers, nodes, output, storage
+from pipeline import console, leftovers, nodes, output, storage
 from pipeline.actor import ActorSpec
 from pipeline.config import JobConfig, JobConfigError
 from pipeline.stage import NOT_IN_SETTINGS, DecodeStage, StageConfig, StagePlan, plan_stage  # noqa: F401
@@ -393,9 +393,11 @@ def _pool_did_not_start(cfg: JobConfig, cluster: dict, res: Resources) -> Pipeli
 def execute(ds: Any, sink: Any, cfg: JobConfig, cluster: dict, res: Resources,
             alive_at_start: dict[str, dict] | None = None) -> None:
     """Run the pipeline; a pool that cannot start (no GPU, say) fails within the configured wait, and
-    a node of `alive_at_start` (`pipeline.nodes.alive_nodes`) lost mid-job stops it with an error naming the node."""
+    a node of `alive_at_start` (`pipeline.nodes.alive_nodes`) lost mid-job stops it with an error naming the node.
+    Ray's error-level line about the pool's restart arguments stays out of the console (pipeline.console: it
+    does not apply here)."""
     try:
-        with nodes.quiet_node_loss_traces():
+        with nodes.quiet_node_loss_traces(), console.stderr_without(console.RESTART_ARGS_WARNING):
             ds.write_datasink(sink)
     except Exception as e:
         lost = nodes.explain_node_loss(e, alive_at_start or {}, nodes.nodes_now)
