@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import platform
 import signal
@@ -32,6 +31,7 @@ import pyarrow as pa
 from pipeline import io as pio
 from pipeline import console, leftovers, nodes, output, storage
 from pipeline.actor import ActorSpec
+from pipeline.resources import Resources, resolve_resources  # noqa: F401 (tests import them from here)
 from pipeline.config import JobConfig, JobConfigError
 from pipeline.stage import NOT_IN_SETTINGS, DecodeStage, StageConfig, StagePlan, plan_stage  # noqa: F401
 from prophet.config import CalibrationWarning
@@ -163,48 +163,6 @@ def _check_paths(cfg: JobConfig) -> None:
         raise JobConfigError(f"output.dir: {cfg.output.dir} holds the input {cfg.input.path}; choose another directory")
 
 
-def _model_facts(cfg: JobConfig) -> tuple[str, tuple[int, ...]]:
-    """(the family's default host, the anchor's token ids); the whole directory is checked, weights unread."""
-    from prophet.models import ModelLoadError, Tokenizer
-    from prophet.models.hf import check_remote_code
-    from prophet.models.loading import check_model_dir, native_family, read_config
-
-    m = cfg.model
-    try:
-        check_remote_code(m.trust_remote_code, m.revision)
-    except ModelLoadError as e:
-        raise JobConfigError(f"model.revision: {e}") from None
-    try:
-        check_model_dir(m.dir, allow_pickle=m.allow_pickle, trust_remote_code=m.trust_remote_code, revision=m.revision)
-        family = native_family(read_config(Path(cfg.model.dir)))
-        host = family[0].default_host if family else "llada"
-        anchor = cfg.decoding.anchor
-        ids = tuple(Tokenizer.from_dir(cfg.model.dir).encode(anchor)) if anchor is not None else ()
-    except ModelLoadError as e:
-        raise JobConfigError(f"model.dir: {e}") from None
-    if anchor is not None and not ids:
-        raise JobConfigError(f"decoding.anchor: {anchor!r} has no tokens in this model's tokenizer")
-    return host, ids
-
-
-def _model_fingerprint(model_dir: str, sample: int = 1 << 20) -> str:
-    """Hash of the model directory's files: names, sizes, and the first and last MiB of each.
-
-    Retrained weights keep their sizes but change everywhere, so the samples tell them apart;
-    reading all of an 8B model's 16 GB would cost more than the check is worth.
-    """
-    digest = hashlib.sha256()
-    for p in sorted(q for q in Path(model_dir).iterdir() if q.is_file()):
-        size = p.stat().st_size
-        digest.update(f"{p.name}:{size}".encode())
-        with open(p, "rb") as f:
-            digest.update(f.read(sample))
-            if size > 2 * sample:
-                f.seek(size - sample)
-                digest.update(f.read(sample))
-    return digest.hexdigest()[:16]
-
-
 def _input_fingerprint(path: str) -> str | None:
     """Hash of the input files' names, sizes and modification times (local or object storage)."""
     if storage.is_remote(path):
@@ -289,35 +247,6 @@ def connect_ray(cfg: JobConfig, log: Callable[[str], None] = print) -> bool:
         ray.init(address="local", num_cpus=cpus, include_dashboard=False)
         return True
     return False
-
-
-@dataclass(frozen=True)
-class Resources:
-    """Per-actor resources decided from the config and the cluster."""
-
-    cpus: float
-    gpus: float
-    threads: int
-
-
-def resolve_resources(cfg: JobConfig, cluster: dict, node_cpus: float | None = None) -> Resources:
-    """Per-actor CPUs/GPUs; on CPU, refuse a pool that would leave no CPU for read/write tasks.
-
-    `node_cpus` (the largest node's CPUs) caps the default share, so an actor fits on one node.
-    """
-    ex = cfg.execution
-    total = float(cluster.get("CPU", 0))
-    if ex.gpus_per_actor > 0:
-        cpus = ex.cpus_per_actor or 1.0
-    else:
-        # the deadlock trap: actors holding every logical CPU starve the read and write tasks
-        share = max(total - 1, total / 2) / ex.actors
-        cpus = ex.cpus_per_actor or math.floor(100 * min(share, node_cpus or share)) / 100
-        if cpus <= 0 or ex.actors * cpus > total - 0.25:
-            raise JobConfigError(f"execution: {ex.actors} actors x {cpus} CPUs leave no CPU of the cluster's "
-                                 f"{total:g} for read/write tasks (the job would hang): lower "
-                                 "execution.cpus_per_actor (fractions allowed) or execution.actors")
-    return Resources(cpus=cpus, gpus=ex.gpus_per_actor, threads=max(1, round(cpus)))
 
 
 def decode_stage(plan: Plan, res: Resources, fallback_counter: str | None = None) -> DecodeStage:
