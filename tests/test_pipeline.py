@@ -145,11 +145,37 @@ def test_default_job_resolves_paths_against_the_checkout(tmp_path, monkeypatch):
     assert cfg.model.dir == str(ROOT / "checkpoints/tiny-llada") and cfg.output.dir == "somewhere"
 
 
-def test_readme_config_reference_is_current():
-    from pipeline.cli import reference_markdown
+def _anchors(md: Path) -> set[str]:
+    """GitHub's heading anchors of a Markdown file ('## A job file' -> 'a-job-file')."""
+    import re
 
-    assert reference_markdown() in (ROOT / "README.md").read_text(), \
-        "README's configuration reference is stale: paste pipeline.cli.reference_markdown() into it"
+    heads = [line.lstrip("#").strip() for line in md.read_text().splitlines() if line.startswith("#")]
+    return {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in heads}
+
+
+def test_the_front_page_and_the_docs_link_only_to_what_exists():
+    import re
+
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    assert len(pages) >= 10 and len((ROOT / "README.md").read_text().splitlines()) <= 200  # a front door
+    for page in pages:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if "://" in target:
+                continue
+            path, _, anchor = target.partition("#")
+            dest = (page.parent / path).resolve() if path else page
+            assert dest.is_file(), f"{page.name}: link to missing {target}"
+            assert not anchor or anchor in _anchors(dest), f"{page.name}: no heading for #{anchor} in {dest.name}"
+    linked = set(re.findall(r"\]\(docs/([\w.-]+\.md)", (ROOT / "README.md").read_text()))
+    assert linked == {p.name for p in (ROOT / "docs").glob("*.md")}, "every docs page is reachable from the front page"
+
+
+def test_the_configuration_reference_page_is_current():
+    from pipeline.cli import REFERENCE_PAGE, reference_markdown, reference_page
+
+    text = REFERENCE_PAGE.read_text()
+    assert reference_markdown() in text and reference_page(text) == text, \
+        "docs/configuration.md's reference is stale: run `python -m pipeline.cli` to regenerate it"
 
 
 def test_bad_flags_fail_before_ray_with_exit_code_2(tmp_path):
