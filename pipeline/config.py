@@ -50,8 +50,9 @@ class InputConfig(_Section):
     id_column: Optional[str] = Field(None, description="Column of unique row ids. When unset, ids are "
                                      "'<file>:<row>' (path relative to `path`, 0-based row), stable "
                                      "across reruns and distinct for duplicate prompts.")
-    limit: Optional[int] = Field(None, ge=1, description="Process at most this many not-yet-written rows "
-                                 "(a trial run; a later run without it resumes the rest).")
+    limit: Optional[int] = Field(None, ge=1, description="Process at most this many not-yet-written input "
+                                 "rows, each with all its decoding.num_samples samples (a trial run; a later "
+                                 "run without it resumes the rest).")
 
 
 class OutputConfig(_Section):

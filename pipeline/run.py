@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import platform
 import signal
@@ -21,6 +20,7 @@ import socket
 import sys
 import threading
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,12 +29,14 @@ from typing import Any, Callable
 import pyarrow as pa
 
 from pipeline import io as pio
-from pipeline import completeness, leftovers, nodes, output, storage
+from pipeline import completeness, console, leftovers, nodes, output, storage
 from pipeline.lock import OutputLock
 from pipeline.actor import ActorSpec
+from pipeline.resources import Resources, resolve_resources  # noqa: F401 (tests import them from here)
 from pipeline.config import JobConfig, JobConfigError
 from pipeline.stage import (NOT_IN_SETTINGS, DecodeStage, StageConfig, StagePlan, check_chat_template,  # noqa: F401
                             plan_stage)
+from prophet.config import CalibrationWarning
 
 VERSIONED = ("prophet-dlm", "torch", "ray", "deepspeed", "pyarrow", "datasets", "pydantic", "tokenizers",
              "safetensors", "transformers")
@@ -191,48 +193,6 @@ def _check_paths(cfg: JobConfig) -> None:
         raise JobConfigError(f"output.dir: {cfg.output.dir} holds the input {cfg.input.path}; choose another directory")
 
 
-def _model_facts(cfg: JobConfig) -> tuple[str, tuple[int, ...]]:
-    """(the family's default host, the anchor's token ids); the whole directory is checked, weights unread."""
-    from prophet.models import ModelLoadError, Tokenizer
-    from prophet.models.hf import check_remote_code
-    from prophet.models.loading import check_model_dir, native_family, read_config
-
-    m = cfg.model
-    try:
-        check_remote_code(m.trust_remote_code, m.revision)
-    except ModelLoadError as e:
-        raise JobConfigError(f"model.revision: {e}") from None
-    try:
-        check_model_dir(m.dir, allow_pickle=m.allow_pickle, trust_remote_code=m.trust_remote_code, revision=m.revision)
-        family = native_family(read_config(Path(cfg.model.dir)))
-        host = family[0].default_host if family else "llada"
-        anchor = cfg.decoding.anchor
-        ids = tuple(Tokenizer.from_dir(cfg.model.dir).encode(anchor)) if anchor is not None else ()
-    except ModelLoadError as e:
-        raise JobConfigError(f"model.dir: {e}") from None
-    if anchor is not None and not ids:
-        raise JobConfigError(f"decoding.anchor: {anchor!r} has no tokens in this model's tokenizer")
-    return host, ids
-
-
-def _model_fingerprint(model_dir: str, sample: int = 1 << 20) -> str:
-    """Hash of the model directory's files: names, sizes, and the first and last MiB of each.
-
-    Retrained weights keep their sizes but change everywhere, so the samples tell them apart;
-    reading all of an 8B model's 16 GB would cost more than the check is worth.
-    """
-    digest = hashlib.sha256()
-    for p in sorted(q for q in Path(model_dir).iterdir() if q.is_file()):
-        size = p.stat().st_size
-        digest.update(f"{p.name}:{size}".encode())
-        with open(p, "rb") as f:
-            digest.update(f.read(sample))
-            if size > 2 * sample:
-                f.seek(size - sample)
-                digest.update(f.read(sample))
-    return digest.hexdigest()[:16]
-
-
 def _input_fingerprint(path: str) -> str | None:
     """Hash of the input files' names, sizes and modification times (local or object storage)."""
     if storage.is_remote(path):
@@ -319,35 +279,6 @@ def connect_ray(cfg: JobConfig, log: Callable[[str], None] = print) -> bool:
     return False
 
 
-@dataclass(frozen=True)
-class Resources:
-    """Per-actor resources decided from the config and the cluster."""
-
-    cpus: float
-    gpus: float
-    threads: int
-
-
-def resolve_resources(cfg: JobConfig, cluster: dict, node_cpus: float | None = None) -> Resources:
-    """Per-actor CPUs/GPUs; on CPU, refuse a pool that would leave no CPU for read/write tasks.
-
-    `node_cpus` (the largest node's CPUs) caps the default share, so an actor fits on one node.
-    """
-    ex = cfg.execution
-    total = float(cluster.get("CPU", 0))
-    if ex.gpus_per_actor > 0:
-        cpus = ex.cpus_per_actor or 1.0
-    else:
-        # the deadlock trap: actors holding every logical CPU starve the read and write tasks
-        share = max(total - 1, total / 2) / ex.actors
-        cpus = ex.cpus_per_actor or math.floor(100 * min(share, node_cpus or share)) / 100
-        if cpus <= 0 or ex.actors * cpus > total - 0.25:
-            raise JobConfigError(f"execution: {ex.actors} actors x {cpus} CPUs leave no CPU of the cluster's "
-                                 f"{total:g} for read/write tasks (the job would hang): lower "
-                                 "execution.cpus_per_actor (fractions allowed) or execution.actors")
-    return Resources(cpus=cpus, gpus=ex.gpus_per_actor, threads=max(1, round(cpus)))
-
-
 def decode_stage(plan: Plan, res: Resources, fallback_counter: str | None = None) -> DecodeStage:
     """The job's decode stage: the one users put in their own Ray Data pipelines (pipeline.stage),
     given this job's plan and resources; the job's reader has already assigned the ids."""
@@ -362,16 +293,21 @@ def actor_spec(plan: Plan, res: Resources) -> ActorSpec:
 
 
 def build_dataset(plan: Plan, res: Resources, done: Any, run_id: str, fallback_counter: str | None = None):
-    """read -> ids, drop done -> (limit) -> the decode stage -> (dataset, sink); nothing runs yet."""
+    """read -> ids, drop done prompts -> (limit) -> samples -> the decode stage -> (dataset, sink); nothing
+    runs yet. The limit counts prompts, so --limit 20 --num-samples 3 writes 60 rows."""
     from pipeline.datasources import PartSink, read_dataset
 
     cfg = plan.cfg
+    n = cfg.decoding.num_samples
     ds = read_dataset(cfg.input, plan.fmt)
-    ds = ds.map_batches(pio.ids_not_done, batch_format="pyarrow", batch_size=None,
+    ds = ds.map_batches(pio.prompts_not_done, batch_format="pyarrow", batch_size=None,
                         fn_kwargs={"id_column": cfg.input.id_column, "done": done, "schema": plan.input_schema,
-                                   "num_samples": cfg.decoding.num_samples})
+                                   "num_samples": n})
     if cfg.input.limit:
         ds = ds.limit(cfg.input.limit)
+    if n > 1:
+        ds = ds.map_batches(pio.samples_not_done, batch_format="pyarrow", batch_size=None,
+                            fn_kwargs={"done": done, "num_samples": n})
     return decode_stage(plan, res, fallback_counter)(ds), PartSink(cfg.output.dir, run_id, cfg.execution.rows_per_file)
 
 
@@ -416,10 +352,12 @@ def _pool_did_not_start(cfg: JobConfig, cluster: dict, res: Resources) -> Pipeli
 def execute(ds: Any, sink: Any, cfg: JobConfig, cluster: dict, res: Resources,
             alive_at_start: dict[str, dict] | None = None) -> None:
     """Run the pipeline; a pool that cannot start (no GPU, say) fails within the configured wait, and
-    a node of `alive_at_start` (`pipeline.nodes.alive_nodes`) lost mid-job stops it with an error naming the node."""
+    a node of `alive_at_start` (`pipeline.nodes.alive_nodes`) lost mid-job stops it with an error naming the node.
+    Ray's error-level line about the pool's restart arguments stays out of the console (pipeline.console: it
+    does not apply here)."""
     explained = lambda e: nodes.node_loss_error(e) is not None or _write_failure(e) is not None  # noqa: E731
     try:
-        with nodes.quiet_ray_data_traces(explained):
+        with nodes.quiet_ray_data_traces(explained), console.stderr_without(console.RESTART_ARGS_WARNING):
             ds.write_datasink(sink)
     except Exception as e:
         lost = nodes.explain_node_loss(e, alive_at_start or {}, nodes.nodes_now)
@@ -464,7 +402,7 @@ def _write_failure(e: BaseException | None) -> output.OutputWriteError | None:
 def run(cfg: JobConfig, log: Callable[[str], None] = print) -> Summary:
     """Run a generation job to the end (or resume it); returns what this run did."""
     t0 = time.time()
-    plan = plan_job(cfg)
+    plan = _plan_logging_calibration_warnings(cfg, log)
     if cfg.decoding.num_samples > 1 and samples_identical(plan.decode):
         log(f"warning: decoding.num_samples={cfg.decoding.num_samples} with temperature 0, alg_temp 0 and "
             "low-confidence remasking: every sample of a row will be identical; set --temperature > 0 "
@@ -526,6 +464,20 @@ def _verdict(cfg: JobConfig, found: completeness.Completeness, lock_lost: str | 
         return "incomplete", (f"the output lacks {found.missing_ids} of the input's {found.input_ids} ids (parts "
                               "deleted or lost while the job ran?): rerun the same command to decode them")
     return "complete", None
+
+
+def _plan_logging_calibration_warnings(cfg: JobConfig, log: Callable[[str], None]) -> Plan:
+    """plan_job, with a calibration's path warning (prophet.config.CalibrationWarning) said once in the
+    job's log, where the user reads the rest; other warnings go on as they came."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plan = plan_job(cfg)
+    for w in caught:
+        if issubclass(w.category, CalibrationWarning):
+            log(f"warning: {w.message}")
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    return plan
 
 
 def _run_on_ray(plan: Plan, done: Any, run_id: str, t0: float, old: dict | None,

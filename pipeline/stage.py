@@ -32,6 +32,8 @@ from pipeline import io as pio
 from pipeline.actor import ActorSpec
 from pipeline.config import (DecodingConfig, ExecutionConfig, JobConfig, JobConfigError, ModelConfig, _Section,
                              format_validation_error, settings_hash)
+from pipeline.facts import model_facts, model_fingerprint
+from pipeline.resources import resolve_resources
 
 # DecodeConfig fields that change how fast rows decode, never what they decode to (the core
 # guarantees batch-independence), so a resumed job may change them.
@@ -83,16 +85,14 @@ class StagePlan:
 
 def plan_stage(cfg: StageConfig | JobConfig) -> StagePlan:
     """Check the model directory and the decoding settings (no weights read); JobConfigError names the field."""
-    from pipeline.run import _model_facts, _model_fingerprint  # run imports this module
-
     stage = cfg if isinstance(cfg, StageConfig) else StageConfig.from_job(cfg)
     if "://" not in stage.model.dir and not Path(stage.model.dir).is_dir():
         raise JobConfigError(f"model.dir: no such directory {stage.model.dir}")
-    host, anchor_ids = _model_facts(stage)
+    host, anchor_ids = model_facts(stage)
     template = uses_template(stage)
     decode = stage.decode_config(host, anchor_ids).to_dict()
     settings = {"decode": {k: v for k, v in decode.items() if k not in NOT_IN_SETTINGS},
-                "model": Path(stage.model.dir).resolve().name, "model_files": _model_fingerprint(stage.model.dir),
+                "model": Path(stage.model.dir).resolve().name, "model_files": model_fingerprint(stage.model.dir),
                 "dtype": stage.dtype, "seed": stage.execution.seed, "prompt": stage.prompt_setting(template)}
     if stage.decoding.num_samples != 1:  # a rerun with another num_samples is a settings change (refused)
         settings["num_samples"] = stage.decoding.num_samples
@@ -197,7 +197,6 @@ class DecodeStage:
             import ray
 
             from pipeline import nodes
-            from pipeline.run import resolve_resources
 
             if not ray.is_initialized():
                 ray.init()  # what Ray Data does on first use: a local Ray, or RAY_ADDRESS's cluster

@@ -103,6 +103,24 @@ def test_a_missing_bucket_is_refused_before_ray_with_the_field_and_the_fix(s3_en
         run(s3_job("s3://gone/p.jsonl", f"s3://{BUCKET}/o", tiny_model_dir, s3_endpoint), log=no_log)
 
 
+def test_each_path_is_resolved_once_in_the_checks_before_ray(s3_endpoint, tiny_model_dir, task_rows):
+    from pipeline.run import plan_job, prepare_output
+
+    src = put_prompts(s3_endpoint, "in/once.jsonl", task_rows, 3)
+    out = f"s3://{BUCKET}/once"
+    storage._remote.cache_clear()
+    storage._s3.cache_clear()
+    plan = plan_job(s3_job(src, out, tiny_model_dir, s3_endpoint))
+    prepare_output(plan)
+    output.check_writable(out)
+    output.remove_temp_files(out)
+    output.done_ids(out)
+    # the input and the output each resolved once, on one S3 client; every later ask reuses them
+    assert storage._remote.cache_info().misses == 2 and storage._remote.cache_info().hits >= 7
+    assert storage._s3.cache_info().currsize == 1
+    assert storage.filesystem(out)[0] is storage.filesystem(src)[0]
+
+
 def test_s3_parquet_inputs_get_the_local_checks_before_ray(s3_endpoint, tiny_model_dir):
     fs = storage.s3(s3_endpoint)
     pq.write_table(pa.table({"prompt": ["a", "b"], "k": ["1", "2"]}), f"{BUCKET}/pq/a.parquet", filesystem=fs)
