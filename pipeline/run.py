@@ -469,8 +469,8 @@ def _verdict(cfg: JobConfig, found: completeness.Completeness, lock_lost: str | 
 def _plan_logging_calibration_warnings(cfg: JobConfig, log: Callable[[str], None]) -> Plan:
     """plan_job, with a calibration's path warning (prophet.config.CalibrationWarning) said once in the
     job's log, where the user reads the rest; other warnings go on as they came."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with warnings.catch_warnings(record=True) as caught:  # the other filters stay as the caller set them
+        warnings.simplefilter("always", CalibrationWarning)
         plan = plan_job(cfg)
     for w in caught:
         if issubclass(w.category, CalibrationWarning):
