@@ -41,6 +41,7 @@ from pipeline.config import JobConfigError
 LOCK_NAME = ".lock.json"
 HEARTBEAT_S = 30.0    # how often a running job rewrites its lock
 STALE_S = 300.0       # a lock whose heartbeat is older than this is taken over
+_HELD: set[str] = set()  # run ids whose lock this process holds now
 
 
 class OutputLocked(JobConfigError):
@@ -106,6 +107,9 @@ def stale_reason(h: Holder | None, now: float | None = None) -> str | None:
         return "the lock file is unreadable"
     now = time.time() if now is None else now
     if h.host == socket.gethostname():
+        if h.pid == os.getpid() and h.run_id not in _HELD:
+            # an earlier run of this process that could not remove its lock (its output was unreachable)
+            return "an earlier run of this process left it"
         started = _process_start(h.pid)
         if started is None:
             return f"its process {h.pid} on this host is gone"
@@ -313,6 +317,7 @@ class OutputLock:
         else:
             current = self._backend.read()
             raise OutputLocked(self._refusal(Holder.from_bytes(current[0]) if current else None))
+        _HELD.add(self.run_id)
         self._start_heartbeat()
 
     def _refusal(self, h: Holder | None) -> str:
@@ -347,6 +352,7 @@ class OutputLock:
     def release(self) -> None:
         """Stop the heartbeat and remove the lock if it is still this run's."""
         self._stop.set()
+        _HELD.discard(self.run_id)
         if self._thread is not None:
             self._thread.join(timeout=10)
         if self._token is not None and self.lost is None:
