@@ -276,3 +276,15 @@ def test_the_s3_lock_refuses_a_second_run_and_a_stale_one_is_taken_over(s3_endpo
     assert json.loads(client.get_object(Bucket=BUCKET, Key="runs/locked/.lock.json")["Body"].read())["run_id"] == "third"
     third.release()
     assert "Contents" not in client.list_objects_v2(Bucket=BUCKET, Prefix="runs/locked/")
+
+    # a server that ignores If-None-Match: the job says so and falls back to a PUT read back a second later
+    monkeypatch.undo()  # real staleness again
+    monkeypatch.setattr(lock._S3Object, "_honours_conditions", lambda self: False)
+    logged.clear()
+    plain = lock.OutputLock(f"s3://{BUCKET}/runs/plain", "plain", log=logged.append)
+    plain.acquire()
+    assert "ignores conditional writes" in logged[0]
+    with pytest.raises(lock.OutputLocked, match=r"in use by run plain"):
+        lock.OutputLock(f"s3://{BUCKET}/runs/plain", "other", log=no_log).acquire()
+    plain.release()
+    assert "Contents" not in client.list_objects_v2(Bucket=BUCKET, Prefix="runs/plain/")
