@@ -10,7 +10,8 @@ How the lock is taken atomically:
   header (older Ceph RGW, some gateways) is recognised by a probe (a second conditional PUT of one
   probe object that succeeds); there the lock is a plain PUT read back a second later, which catches
   a run started while another holds the lock but not two runs started within that second of each
-  other. The job says so in its log when it falls back.
+  other. The job says so in its log when it falls back. Other pyarrow file systems (gs://, hdfs://)
+  get the same best effort.
 
 A lock left by a killed run must not block for ever. The running job rewrites its lock every
 HEARTBEAT_S seconds (a compare-and-swap on the lock's previous content: S3 `If-Match` on its ETag,
@@ -41,6 +42,7 @@ from pipeline.config import JobConfigError
 LOCK_NAME = ".lock.json"
 HEARTBEAT_S = 30.0    # how often a running job rewrites its lock
 STALE_S = 300.0       # a lock whose heartbeat is older than this is taken over
+_HELD: set[str] = set()  # run ids whose lock this process holds now
 
 
 class OutputLocked(JobConfigError):
@@ -106,6 +108,9 @@ def stale_reason(h: Holder | None, now: float | None = None) -> str | None:
         return "the lock file is unreadable"
     now = time.time() if now is None else now
     if h.host == socket.gethostname():
+        if h.pid == os.getpid() and h.run_id not in _HELD:
+            # an earlier run of this process that could not remove its lock (its output was unreachable)
+            return "an earlier run of this process left it"
         started = _process_start(h.pid)
         if started is None:
             return f"its process {h.pid} on this host is gone"
@@ -255,6 +260,45 @@ class _S3Object:
         return self._put(self.key, data)
 
 
+class _ArrowFile:
+    """The lock as a file of another pyarrow file system (gs://, hdfs://): no atomic create is known
+    there, so it is written where absent and read back a second later (best effort, said in the log)."""
+
+    conditional = False
+
+    def __init__(self, fs: pafs.FileSystem, path: str) -> None:
+        self.fs, self.path = fs, path
+
+    def _write(self, data: bytes) -> bytes:
+        with self.fs.open_output_stream(self.path) as f:
+            f.write(data)
+        return data
+
+    def create(self, data: bytes) -> bytes | None:
+        if self.read() is not None:
+            return None
+        self._write(data)
+        time.sleep(1.0)  # a run that wrote after us wins, and we see it
+        now = self.read()
+        return data if now is not None and now[0] == data else None
+
+    def read(self) -> tuple[bytes, bytes] | None:
+        if self.fs.get_file_info(self.path).type == pafs.FileType.NotFound:
+            return None
+        with self.fs.open_input_stream(self.path) as f:
+            data = f.read()
+        return data, data
+
+    def swap(self, token: bytes, data: bytes | None) -> bytes | None:
+        now = self.read()
+        if now is None or now[1] != token:
+            return None
+        if data is None:
+            self.fs.delete_file(self.path)
+            return b""
+        return self._write(data)
+
+
 def _endpoint_url() -> str | None:
     url = storage.endpoint()
     if url and "://" not in url:
@@ -269,8 +313,7 @@ def _backend(out_dir: str):
         return _S3Object(bucket, f"{prefix.rstrip('/')}/{LOCK_NAME}".lstrip("/"))
     if isinstance(fs, pafs.LocalFileSystem):
         return _LocalFile(os.path.join(base, LOCK_NAME))
-    raise JobConfigError(f"output.dir: {out_dir}: runs into this kind of storage cannot be kept apart "
-                         "(a lock needs a local path or s3://); use one of those")
+    return _ArrowFile(fs, f"{base.rstrip('/')}/{LOCK_NAME}")
 
 
 # ----------------------------------------------------------------------------- the lock
@@ -291,8 +334,9 @@ class OutputLock:
     def acquire(self, break_lock: bool = False) -> None:
         """Take the lock, taking over a stale one (or any, with break_lock); OutputLocked where a live run holds it."""
         if not self._backend.conditional:
-            self.log(f"{self.out_dir}: this S3 server ignores conditional writes (If-None-Match), so two runs "
-                     "started within a second of each other could both take the lock; start one at a time")
+            self.log(f"{self.out_dir}: this storage ignores conditional writes (an S3 server without "
+                     "If-None-Match, or not S3), so two runs started within a second of each other could both "
+                     "take the lock; start one at a time")
         for _ in range(3):  # a lock that vanishes between our create and read: try again
             self._token = self._backend.create(self._holder.to_bytes())
             if self._token is not None:
@@ -313,6 +357,7 @@ class OutputLock:
         else:
             current = self._backend.read()
             raise OutputLocked(self._refusal(Holder.from_bytes(current[0]) if current else None))
+        _HELD.add(self.run_id)
         self._start_heartbeat()
 
     def _refusal(self, h: Holder | None) -> str:
@@ -347,6 +392,7 @@ class OutputLock:
     def release(self) -> None:
         """Stop the heartbeat and remove the lock if it is still this run's."""
         self._stop.set()
+        _HELD.discard(self.run_id)
         if self._thread is not None:
             self._thread.join(timeout=10)
         if self._token is not None and self.lost is None:

@@ -73,27 +73,28 @@ def write_part(table: pa.Table, out_dir: str, name: str) -> int:
 
 
 def what_is_kept(out_dir: str) -> str:
-    """After a failed write, what the output still holds, checked now (not assumed): a deleted bucket
-    or directory took the parts written before the failure with it."""
+    """After a failed write, what the output still holds, checked now (not assumed), and what to do:
+    a deleted bucket or directory took the parts written before the failure with it."""
+    rerun = "Make output.dir writable (or free space) and rerun the same command: it "
     if storage.is_remote(out_dir):
         fs, base = filesystem(out_dir)
         bucket = base.split("/", 1)[0]
         try:
             gone = fs.get_file_info(bucket).type == pafs.FileType.NotFound
         except OSError as e:
-            return f"whether the parts written so far are kept cannot be checked now ({e})"
+            return f"whether the parts written so far are kept cannot be checked now ({e}). {rerun}resumes"
         if gone:
             return (f"the bucket {bucket!r} is gone, and with it every part written so far: nothing of this "
                     "output is kept. Recreate the bucket and rerun the same command: it starts over")
     try:
         parts = part_files(out_dir)
     except (OSError, JobConfigError) as e:
-        return f"whether the parts written so far are kept cannot be checked now ({e})"
+        return (f"whether the parts written so far are kept cannot be checked now ({e}). {rerun}resumes with "
+                "the rows its parts lack")
     if not parts:
-        return (f"{out_dir} holds no part now: nothing of this output is kept. Make output.dir writable (or "
-                "free space) and rerun the same command: it starts over")
-    return (f"{len(parts)} complete parts written before the failure are kept in {out_dir}. Make output.dir "
-            "writable (or free space) and rerun the same command: it resumes with the missing rows")
+        return f"{out_dir} holds no part now: nothing of this output is kept. {rerun}starts over"
+    return (f"{len(parts)} complete parts written before the failure are kept in {out_dir}. {rerun}resumes "
+            "with the missing rows")
 
 
 def check_writable(out_dir: str) -> None:

@@ -7,7 +7,9 @@
 Everything that can be wrong with the configuration, the input's columns or the output directory
 is checked before Ray starts. Resume: the ids in the output directory's visible Parquet parts are
 skipped (parts appear atomically, see `pipeline.output`), so rerunning a job processes only what
-is missing and a completed rerun writes nothing.
+is missing and a completed rerun writes nothing. A run holds the output's lock (`pipeline.lock`)
+from before it reads the output to the end, and says `complete` only where the parts hold every
+input id (`pipeline.completeness`); the manifest alone is never trusted for that.
 """
 from __future__ import annotations
 
