@@ -20,7 +20,7 @@ from prophet.config import DecodeConfig
 from prophet.decode import (initial_window, kv_cache, make_result, monitored_slice, resolve_seeds, step_span,
                             stop_ids, validate_request)
 from prophet.noise import POSITION_STREAM, TOKEN_STREAM, counter_key, position_uniforms, seed_words, token_uniforms
-from prophet.rules import cfg_mix, gumbel_perturb, pool_gaps, propose, random_positions, top2_gap
+from prophet.rules import cfg_mix, gumbel_perturb, pool_gaps, propose, random_positions, top2_gap, update_rule
 from prophet.types import DLM, DecodeResult
 
 
@@ -48,7 +48,8 @@ def decode_reference(model: DLM, prompts: Sequence[Sequence[int]], config: Decod
     passes = 2 if config.cfg_scale > 0 else 1
     rows = []
     for p, seed in zip(prompts, seeds):
-        with kv_cache(model, config, passes, [p]):  # slot 0: the row; slot 1: its CFG pass
+        cache = None if config.cache == "none" else (passes, len(p) + config.gen_length)
+        with kv_cache(model, config, cache):  # slot 0: the row; slot 1: its CFG pass
             rows.append(_decode_row(model, p, config, seed, device))
     tokens = (torch.stack([r.tokens for r in rows]) if rows
               else torch.zeros(0, config.gen_length, dtype=torch.long, device=device))
@@ -165,11 +166,11 @@ def _update(window: torch.Tensor, logits: torch.Tensor, cand: torch.Tensor, cfg:
     lc = logits[pos]  # (n, V)
     u = token_uniforms(draws(pos, TOKEN_STREAM), lc.shape[-1]) if cfg.temperature > 0 else None
     prop = propose(lc, cfg, u, stop_ids(model))
-    x0, prob = prop.x0, prop.prob
+    x0, logp = prop.x0, prop.logp
     upos = position_uniforms(draws(pos, POSITION_STREAM)) if random_positions(cfg) else None
     reveal = [False] * n
     if cfg.host == "llada":
-        score = prob if cfg.remasking == "low_confidence" else upos
+        score = prop.score if cfg.remasking == "low_confidence" else upos
         k = n0 // S + (1 if s < n0 % S else 0)
     else:
         ts = torch.linspace(1, cfg.eps, S + 1, device=window.device)  # per block (Fast-dLLM's Dream)
@@ -183,12 +184,13 @@ def _update(window: torch.Tensor, logits: torch.Tensor, cand: torch.Tensor, cfg:
     stops = stop_ids(model)
     demoted = [cfg.confidence_eos_eot_inf and t in stops for t in x0.tolist()]
     need = math.ceil(n / (S - s))  # what still empties the block within its budget
-    if cfg.rule == "gap_parallel":
+    rule = update_rule(cfg)  # the rule, or Prophet's parallel companion
+    if rule == "gap_parallel":
         k = max(k, need)
         reveal = [r or (g >= tau and not d) for r, g, d in zip(reveal, top2_gap(lc).tolist(), demoted)]
-    elif cfg.rule == "confidence_threshold":
+    elif rule == "confidence_threshold":  # log p > log(confidence), as in float64 probabilities
         k = max(1, need)
-        reveal = [p > cfg.confidence and not d for p, d in zip(prob.tolist(), demoted)]
+        reveal = [lp > math.log(cfg.confidence) and not d for lp, d in zip(logp.tolist(), demoted)]
     scores = score.tolist()
     order = sorted(range(n), key=lambda j: (demoted[j], -scores[j]))  # stable: ties keep position order
     chosen = set(order[:k]) | {j for j in range(n) if reveal[j]}
