@@ -60,9 +60,14 @@ class CachedDLM(DLM, Protocol):
         ...
 
     def cached_logits(self, ids: torch.Tensor, attention_mask: torch.Tensor, slots: torch.Tensor,
-                      first: torch.Tensor, width: int, refresh: bool) -> torch.Tensor:
+                      first: torch.Tensor, width: int, refresh: bool, first_slot: int | None = None) -> torch.Tensor:
         """ids, attention_mask (B, L) left-padded as for `logits`; slots, first (B,) -> aligned logits
-        (B, width, V) of columns first[b] .. first[b] + width - 1 (past a row's end: garbage)."""
+        (B, width, V) of columns first[b] .. first[b] + width - 1 (past a row's end: garbage).
+        first_slot: a promise that slots == first_slot + arange(B) (the cache is then read in place)."""
+        ...
+
+    def move_cache(self, src: list[int], dst: list[int]) -> None:
+        """Copy the keys/values of slots src into slots dst (disjoint lists of equal length)."""
         ...
 
 

@@ -74,3 +74,22 @@ def make_result(model: DLM, tokens: torch.Tensor, steps_used: torch.Tensor, comm
                         commit_step=commit_step, commit_gap=commit_gap,
                         num_generated=count_generated(tokens, stop_ids(model)), nonfinite=nonfinite,
                         decode_seconds=decode_seconds, forward_rows=forward_rows, forward_tokens=forward_tokens)
+
+
+def slot_order(kept: list[int]) -> tuple[list[int], list[int], list[int]]:
+    """Rows kept from a pass whose row i sits in cache slot i -> (order, src, dst): the new pass is
+    old rows `order` (row j in slot j again), and only the rows that move (kept rows beyond the new
+    size, into the holes left below it) copy their cache, src -> dst."""
+    n = len(kept)
+    stay = [i for i in kept if i < n]
+    holes = sorted(set(range(n)) - set(stay))
+    movers = [i for i in kept if i >= n]
+    order = list(range(n))
+    for h, m in zip(holes, movers):
+        order[h] = m
+    return order, movers, holes
+
+
+def consecutive(slots: list[int]) -> int | None:
+    """The first slot when `slots` are consecutive and ascending (the cache can be read in place), else None."""
+    return slots[0] if slots and slots == list(range(slots[0], slots[0] + len(slots))) else None

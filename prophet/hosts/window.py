@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import torch
 
 from prophet.config import DecodeConfig
-from prophet.hosts.common import initial_window, monitored_slice, stop_ids
+from prophet.hosts.common import consecutive, initial_window, monitored_slice, slot_order, stop_ids
 from prophet.noise import POSITION_STREAM, TOKEN_STREAM, counter_key, position_uniforms, seed_words, token_uniforms
 from prophet.rules import (Proposal, budget_floor, cfg_mix, compact, parallel_commit, pool_gaps, prophet_decision,
                            propose, random_positions, rank_desc, select_positions, update_rule)
@@ -148,26 +148,29 @@ class _Slot:
     t0: float                   # admission time
     block: int                  # block of the next step
     sstep: int = 0              # schedule steps consumed in that block
-    cache_slot: int = -1        # where the model keeps this row's keys/values (cache on)
     done: bool = False          # finished (frozen in the pass when batching is static)
 
 
 class _Batch:
     """The rows in the forward pass: slots on the host, left-padded prompts and state on the device."""
 
-    def __init__(self, plan: _Plan, device: torch.device) -> None:
-        self.plan, self.device = plan, device
+    def __init__(self, plan: _Plan, device: torch.device, model: DLM) -> None:
+        self.plan, self.device, self.model = plan, device, model
         self.slots: list[_Slot] = []
         self.prompt_ids = torch.empty(0, 0, dtype=torch.long, device=device)  # (B, P)
         self.prompt_real = torch.empty(0, 0, dtype=torch.bool, device=device)  # (B, P), False on pads
         self.t = {k: v[:0] for k, v in plan.fresh_state(0).items()}
-        self.free = list(range(plan.cfg.batch_size)) if plan.cfg.cache != "none" else []  # cache slots
 
     def keep(self, idx: list[int]) -> None:
-        """Keep the slots at idx, dropping prompt columns that became padding for every row."""
+        """Keep the rows at idx, dropping prompt columns that became padding for every row. With a
+        cache, row i keeps its keys/values in slot i (its CFG pass in batch_size + i): the rows
+        that move fill the holes and carry their cache along."""
+        idx, src, dst = slot_order(idx)
+        if self.plan.cfg.cache != "none" and src:
+            bs = self.plan.cfg.batch_size
+            cfg_on = self.plan.cfg.cfg_scale > 0
+            self.model.move_cache(src + [i + bs for i in src] * cfg_on, dst + [i + bs for i in dst] * cfg_on)
         ix = torch.tensor(idx, dtype=torch.long, device=self.device)
-        kept = set(idx)
-        self.free += [s.cache_slot for i, s in enumerate(self.slots) if i not in kept and s.cache_slot >= 0]
         self.slots = [self.slots[i] for i in idx]
         self.t = {k: v.index_select(0, ix) for k, v in self.t.items()}
         cut = self.prompt_ids.shape[1] - max((s.prompt.numel() for s in self.slots), default=0)
@@ -189,8 +192,6 @@ class _Batch:
         fresh = self.plan.fresh_state(len(slots))
         fresh["seed"] = seed_words([s.seed for s in slots], self.device)
         self.t = {k: torch.cat([v, fresh[k]]) for k, v in self.t.items()}
-        for s in slots:
-            s.cache_slot = self.free.pop(0) if self.free else -1
         self.slots += slots
 
     @property
@@ -293,12 +294,12 @@ def _span_logits(model: DLM, batch: _Batch, spans: list[tuple[int, int, bool]]) 
             if not rows:
                 continue
             rows_all = rows + [i + B for i in rows] if cfg_on else rows
-            kv = [batch.slots[i].cache_slot for i in rows]
-            kv = kv + [k + cfg.batch_size for k in kv] if cfg_on else kv
+            kv = rows + [k + cfg.batch_size for k in rows] if cfg_on else rows  # row i in slot i
+            in_place = consecutive(rows) if not cfg_on else None  # the cache read in place, no gather
             ix = torch.tensor(rows_all, device=dev)
             w = max(spans[i][1] for i in rows)
             part = model.cached_logits(ids[ix], attn[ix], torch.tensor(kv, device=dev), P + lo.repeat(1 + cfg_on)[ix],
-                                       w, refresh)  # (rows, w, V)
+                                       w, refresh, in_place)  # (rows, w, V)
             if len(rows) == B and w == W:
                 out = part
                 break
@@ -467,7 +468,7 @@ class WindowHost:
 
     def batch(self, model: DLM, config: DecodeConfig, device: torch.device) -> _Batch:
         """An empty forward pass for one decode call."""
-        return _Batch(_Plan.build(config, model, device, self), device)
+        return _Batch(_Plan.build(config, model, device, self), device, model)
 
     def schedule(self, plan: _Plan, t: dict[str, torch.Tensor], prop: Proposal, n: torch.Tensor,
                  sstep: torch.Tensor, position_u: torch.Tensor | None
