@@ -18,7 +18,7 @@ def shift_logits_right(logits: torch.Tensor) -> torch.Tensor:
 
 
 class NativeAdapter:
-    """A LLaDA or Dream module behind the decoder's interface; owns ids, the shift and the template.
+    """A native module (LLaDA, Dream, LLaDA2) behind the decoder's interface; owns ids, the shift and the template.
 
     `.module` is called as `module(input_ids, attention_mask, logits_to_keep=k)`, so the pipeline
     may replace it by a DeepSpeed inference engine wrapping the same module.
@@ -31,6 +31,8 @@ class NativeAdapter:
         self.family: str = c.family
         self.default_host: str = c.default_host
         self.shift: bool = c.shift_logits
+        # attention block of a block-diffusion family; None = bidirectional (LLaDA, Dream)
+        self.block_length: int | None = getattr(module, "block_length", None)
         self.query_lead: int = int(self.shift)  # a cached pass also runs the position before the first scored one
         self.name = name or c.family
         self.mask_id, self.pad_id, self.eos_id = c.mask_token_id, c.pad_token_id, c.eos_token_id

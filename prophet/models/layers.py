@@ -1,4 +1,5 @@
-"""Pieces shared by the native families: RMSNorm, rotary embeddings, bidirectional attention, SwiGLU.
+"""Pieces shared by the native families: RMSNorm, rotary embeddings, attention (bidirectional or
+block-causal), SwiGLU.
 
 Everything runs in the dtype of the weights; only the normalisation statistics and the rotary
 products are computed in float32 (as both families' own code does).
@@ -33,7 +34,9 @@ class AttentionInputs:
 
     cos: torch.Tensor              # (B, 1, Q, D) float32
     sin: torch.Tensor              # (B, 1, Q, D) float32
-    key_mask: torch.Tensor | None  # (B, 1, 1, K) bool, True = attend; None = attend to every key
+    # (B, 1, 1, K) bool (bidirectional: pad keys only) or (B, 1, Q, K) (block-causal), True = attend;
+    # None = attend to every key
+    key_mask: torch.Tensor | None
     slots: torch.Tensor | None = None   # (B,) cache slot of each row; None = no cache
     write_at: torch.Tensor | None = None  # (B, Q) cache position of each query's key/value
     first_slot: int | None = None       # rows sit in slots first_slot .. first_slot + B - 1, in order
@@ -116,26 +119,52 @@ def rotary_tables(pos: torch.Tensor, head_dim: int, theta: float) -> tuple[torch
     return emb.cos(), emb.sin()
 
 
+def block_causal_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, k_real: torch.Tensor,
+                      block_length: int) -> torch.Tensor:
+    """(B, Q) query positions, (B, K) key positions and (B, K) real keys -> (B, 1, Q, K) bool mask.
+
+    A query at position q sees a real key at position k iff k // block_length <= q // block_length:
+    its own block and every earlier one. A query that would see nothing (a padded query, position
+    -1) sees every key instead, as key_padding_mask does, since SDPA returns NaN for an empty row.
+    """
+    seen = (k_pos[:, None, :] // block_length) <= (q_pos[:, :, None] // block_length)  # (B, Q, K)
+    seen = seen & k_real[:, None, :]
+    seen = seen | ~seen.any(-1, keepdim=True)
+    return seen[:, None]
+
+
 def attention_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, head_dim: int, theta: float,
-                     cache: CacheIndex | None = None, cache_length: int = 0) -> AttentionInputs:
+                     cache: CacheIndex | None = None, cache_length: int = 0,
+                     block_length: int | None = None) -> AttentionInputs:
     """Rotary tables and key mask for one forward.
 
     attention_mask None means no padding: no mask at all, so SDPA may pick its flash kernel on GPU.
     Finding that out from the mask would cost a host sync, so the caller, who knows, says so.
     With a cache, queries sit at `cache.positions` and keys are the slot's first `lengths` positions.
+    `head_dim` is the rotated width (the whole head, or its rotary part). block_length: attention is
+    block-causal over each row's own positions (see block_causal_mask); None = bidirectional.
     """
     if cache is not None:
         pos = cache.positions
         keys = torch.arange(cache_length + 1, device=pos.device)  # the slot's positions, scratch last
-        key_mask = (keys[None, :] < cache.lengths[:, None])[:, None, None, :]  # (B, 1, 1, L + 1)
+        real = keys[None, :] < cache.lengths[:, None]              # (B, L + 1)
+        if block_length is None:
+            key_mask = real[:, None, None, :]                      # (B, 1, 1, L + 1)
+        else:
+            key_mask = block_causal_mask(pos, keys.expand_as(real), real, block_length)  # (B, 1, Q, L + 1)
         write_at = torch.where(pos >= 0, pos, cache_length)
         cos, sin = rotary_tables(pos.clamp(min=0), head_dim, theta)
         return AttentionInputs(cos, sin, key_mask, cache.slots, write_at, cache.first_slot)
     if attention_mask is None:
         pos = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-        return AttentionInputs(*rotary_tables(pos, head_dim, theta), key_mask=None)
-    cos, sin = rotary_tables(position_ids(attention_mask), head_dim, theta)
-    return AttentionInputs(cos, sin, key_padding_mask(attention_mask))
+        key_mask = None if block_length is None else block_causal_mask(
+            pos, pos, torch.ones_like(pos, dtype=torch.bool), block_length)
+        return AttentionInputs(*rotary_tables(pos, head_dim, theta), key_mask=key_mask)
+    pos = position_ids(attention_mask)
+    cos, sin = rotary_tables(pos, head_dim, theta)
+    if block_length is None:
+        return AttentionInputs(cos, sin, key_padding_mask(attention_mask))
+    return AttentionInputs(cos, sin, block_causal_mask(pos, pos, attention_mask.bool(), block_length))
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -144,7 +173,14 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (B, H, L, D) queries or keys by the tables; product in float32, result in x's dtype."""
+    """Rotate (B, H, L, D) queries or keys by the tables; product in float32, result in x's dtype.
+
+    Tables narrower than D (partial rotary, LLaDA2) rotate the first R dims (rotate-half within
+    them) and pass the other D - R through unchanged.
+    """
+    R = cos.shape[-1]
+    if R < x.shape[-1]:
+        return torch.cat([apply_rotary(x[..., :R], cos, sin), x[..., R:]], dim=-1)
     xf = x.float()
     return (xf * cos + _rotate_half(xf) * sin).to(x.dtype)
 
@@ -152,7 +188,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 def self_attention(x: torch.Tensor, q_proj: nn.Linear, k_proj: nn.Linear, v_proj: nn.Linear,
                    o_proj: nn.Linear, n_heads: int, n_kv_heads: int, inputs: AttentionInputs,
                    cache: KVCache | None = None) -> torch.Tensor:
-    """Bidirectional multi-head attention with grouped KV heads: (B, L, C) -> (B, L, C).
+    """Multi-head attention with grouped KV heads: (B, L, C) -> (B, L, C); the mask is inputs'.
 
     With a cache (and `inputs.slots` set) the queries' keys/values are written into it first, and
     the queries attend to their slot's cached keys/values.
@@ -163,29 +199,54 @@ def self_attention(x: torch.Tensor, q_proj: nn.Linear, k_proj: nn.Linear, v_proj
     v = v_proj(x).view(B, L, n_kv_heads, -1).transpose(1, 2)  # (B, Hkv, L, D)
     q = apply_rotary(q, inputs.cos, inputs.sin)
     k = apply_rotary(k, inputs.cos, inputs.sin)
+    return o_proj(attend(q, k, v, inputs, cache))             # (B, L, H*D) -> (B, L, C)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: AttentionInputs,
+           cache: KVCache | None = None) -> torch.Tensor:
+    """Rotated (B, H, L, D) queries, (B, Hkv, L, D) keys/values -> (B, L, H*D) attention output.
+
+    With `inputs.slots` set the keys/values are first written into `cache` and the queries attend
+    to their slot's cached keys/values instead.
+    """
+    B, H, L, _ = q.shape
     if inputs.slots is not None:
         if cache is None:
             raise RuntimeError("a cached forward needs setup_cache() first")
         k, v = cache.update(inputs.slots, inputs.write_at, k, v, inputs.first_slot)  # (B, Hkv, L + 1, D)
-    # No causal mask: every position sees every real position. With grouped heads, KV head j
+    # The mask (pad keys, or block-causal) is the only restriction. With grouped heads, KV head j
     # serves query heads j*rep .. (j+1)*rep-1 (the Llama/Qwen2 grouping), which SDPA's enable_gqa
     # does without materialising the repeated keys and values.
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=inputs.key_mask,
-                                       enable_gqa=n_kv_heads != n_heads)  # (B, H, L, D)
-    return o_proj(y.transpose(1, 2).reshape(B, L, -1))        # (B, L, H*D) -> (B, L, C)
+                                       enable_gqa=k.shape[1] != H)  # (B, H, L, D)
+    return y.transpose(1, 2).reshape(B, L, -1)                # (B, L, H*D)
 
 
-def setup_caches(layers: nn.ModuleList, slots: int, length: int, n_kv_heads: int, head_dim: int,
-                 like: torch.Tensor) -> None:
-    """Give every layer a KVCache (attribute `kv_cache`) for `slots` rows of `length` positions."""
-    for layer in layers:
-        layer.kv_cache = KVCache(slots, length, n_kv_heads, head_dim, like.dtype, like.device)
+class KVCaches:
+    """setup_cache / drop_cache for a native model whose attention modules each hold a `kv_cache`.
 
+    The model names those modules (`cache_holders`), its KV heads (`kv_heads`) and `head_dim`.
+    """
 
-def drop_caches(layers: nn.ModuleList) -> None:
-    """Free every layer's cache."""
-    for layer in layers:
-        layer.kv_cache = None
+    cache_length: int = 0  # positions per slot of the allocated cache; 0 = none
+
+    def cache_holders(self) -> list[nn.Module]:
+        """The modules (one per layer) whose `kv_cache` attribute the attention reads."""
+        raise NotImplementedError
+
+    def setup_cache(self, slots: int, length: int) -> None:
+        """Allocate every layer's keys/values for `slots` rows of up to `length` positions."""
+        self.cache_length = length
+        like = next(self.parameters())  # type: ignore[attr-defined]
+        for holder in self.cache_holders():
+            holder.kv_cache = KVCache(slots, length, self.kv_heads, self.head_dim,  # type: ignore[attr-defined]
+                                      like.dtype, like.device)
+
+    def drop_cache(self) -> None:
+        """Free the keys/values."""
+        self.cache_length = 0
+        for holder in self.cache_holders():
+            holder.kv_cache = None
 
 
 def head_inputs(x: torch.Tensor, logits_to_keep: int, keep: torch.Tensor | None) -> torch.Tensor:
