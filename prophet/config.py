@@ -195,8 +195,9 @@ def _check_block_host(cfg: DecodeConfig) -> None:
     if cfg.cache != "none" or cfg.cache_refresh_every is not None:
         raise ConfigError("host 'block' always decodes on its exact block cache: leave cache and "
                           "cache_refresh_every unset (they choose the approximate caches of bidirectional hosts)")
-    if cfg.cfg_scale > 0:
-        raise ConfigError("host 'block' has no classifier-free guidance: set cfg_scale 0")
+    if cfg.cfg_scale > 0 or cfg.logits_eos_inf or cfg.confidence_eos_eot_inf:
+        raise ConfigError("host 'block' has no classifier-free guidance and no EOS demotion (LLaDA options): "
+                          "leave cfg_scale, logits_eos_inf and confidence_eos_eot_inf unset")
     if "gap_parallel" in (cfg.rule, cfg.parallel):
         raise ConfigError("host 'block' offers rules 'full', 'confidence_threshold' and 'prophet' (with parallel "
                           "'none' or 'confidence_threshold'); gap_parallel is for hosts llada/dream")

@@ -72,6 +72,35 @@ class CachedDLM(DLM, Protocol):
 
 
 @runtime_checkable
+class BlockDLM(DLM, Protocol):
+    """A block-diffusion model (SPEC section 8): block-causal attention, so its KV cache is exact.
+
+    Positions are each row's own (0 = first prompt token); blocks of `block_length` are counted
+    from there. A query at position q sees a key at k iff k // block_length <= q // block_length.
+    """
+
+    block_length: int
+
+    def setup_cache(self, slots: int, length: int) -> None:
+        """Allocate keys/values for `slots` rows of up to `length` positions."""
+        ...
+
+    def drop_cache(self) -> None:
+        """Free the keys/values."""
+        ...
+
+    def move_cache(self, src: list[int], dst: list[int]) -> None:
+        """Copy the keys/values of slots src into slots dst."""
+        ...
+
+    def block_logits(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, lengths: torch.Tensor,
+                     first_slot: int | None = None, scored: bool = True) -> torch.Tensor:
+        """ids (B, Q) at positions (B, Q) (-1 = padding), written into slots (B,), attending to the
+        slot's keys below lengths (B,) -> logits (B, Q, V) ((B, 0, V) when not scored)."""
+        ...
+
+
+@runtime_checkable
 class TextDLM(DLM, Protocol):
     """A DLM with its tokenizer: what the pipeline and the jobs use."""
 

@@ -8,10 +8,11 @@ KV cache (`prophet.hosts.block`).
 from __future__ import annotations
 
 from prophet.config import DecodeConfig
+from prophet.hosts.block import BlockHost
 from prophet.hosts.dream import DreamHost
 from prophet.hosts.llada import LLaDAHost
 
-HOSTS = {"llada": LLaDAHost, "dream": DreamHost}
+HOSTS = {"llada": LLaDAHost, "dream": DreamHost, "block": BlockHost}
 
 
 def host_for(config: DecodeConfig):

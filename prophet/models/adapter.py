@@ -73,6 +73,17 @@ class NativeAdapter:
                 m.move(src, dst)
 
     @torch.no_grad()  # not inference_mode: the decoder edits the logits in place
+    def block_logits(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, lengths: torch.Tensor,
+                     first_slot: int | None = None, scored: bool = True) -> torch.Tensor:
+        """A cached pass of explicit positions (the block host): ids (B, Q) sit at `positions` (B, Q) of
+        each row's own sequence (-1 = padding); their keys/values are written into slot slots[b], and
+        each query attends to the slot's keys below lengths[b] that the model's attention allows
+        (block-causal: its own block and earlier ones) -> logits (B, Q, V), or with scored=False
+        (a pass that only stores keys/values) (B, 0, V) without running the LM head."""
+        keep = None if scored else torch.zeros(ids.shape[0], 0, dtype=torch.long, device=ids.device)
+        return self.module(ids, None, cache=CacheIndex(slots, positions, lengths, first_slot), keep=keep)
+
+    @torch.no_grad()  # not inference_mode: the decoder edits the logits in place
     def cached_logits(self, ids: torch.Tensor, attention_mask: torch.Tensor, slots: torch.Tensor,
                       first: torch.Tensor, width: int, refresh: bool, first_slot: int | None = None) -> torch.Tensor:
         """Aligned logits (B, width, V) of columns first[b] .. first[b] + width - 1 of the left-padded batch.
