@@ -17,7 +17,7 @@ from prophet.scripted import ScriptedDLM
 from tests.test_llada2 import tiny_llada2
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+from tiny_support import one_thread  # noqa: E402,F401 (an autouse fixture: one intra-op thread)
 
 
 @lru_cache(maxsize=None)
@@ -170,3 +170,71 @@ def test_block_host_defaults_and_refusals():
             DecodeConfig(host="block", **bad)
     with pytest.raises(ConfigError, match="host 'block'"):
         DecodeConfig(host="llada", lookahead=1)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_the_job_decodes_a_block_model_on_its_own_host(ray_local, tmp_path, task_rows):
+    # a random tiny LLaDA2 saved as a model directory: decoding.host unset takes the family's 'block';
+    # per-row steps and forward tokens reach the output; a wrong block_length is refused up front
+    import pyarrow.parquet as pq
+
+    from pipeline import output
+    from pipeline.config import JobConfigError
+    from pipeline.stage import plan_stage
+    from prophet.models import save_model
+    from tests.test_pipeline_ray import job, write_jsonl
+
+    model_dir = save_model(tiny_llada2(seed=3), char_tokenizer(), tmp_path / "tiny-llada2")
+    src = write_jsonl(tmp_path / "in.jsonl", task_rows[:6])
+    cfg = job(tmp_path, model_dir, src, **{"decoding.rule": "prophet", "decoding.region": "block",
+                                           "decoding.thresholds": [0.5, 0.3, 0.1], "decoding.batch_size": 4})
+    assert plan_stage(cfg).decode["host"] == "block"
+    s = run_job(cfg)
+    rows = pq.read_table(output.part_files(cfg.output.dir)).to_pylist()
+    assert (s.rows, s.ok) == (6, 6) and all(r["status"] == "ok" for r in rows)
+    model = load_block(model_dir)  # the same decode in this process: the same per-row steps and positions
+    want = decode(model, [model.encode(r["prompt"]) for r in rows],
+                  DecodeConfig(**{**plan_stage(cfg).decode, "thresholds": (0.5, 0.3, 0.1), "anchor_ids": ()}))
+    assert [r["steps_used"] for r in rows] == want.steps_used.tolist()
+    assert [r["forward_tokens"] for r in rows] == want.forward_tokens.tolist()
+    assert [r["completion_ids"][:r["generated_tokens"]] for r in rows] == \
+        [t[:n] for t, n in zip(want.tokens.tolist(), want.num_generated.tolist())]
+    with pytest.raises(JobConfigError, match="decoding.block_length"):
+        plan_stage(job(tmp_path, model_dir, src, **{"decoding.block_length": 8}))
+
+
+def run_job(cfg):
+    from pipeline.run import run
+    return run(cfg, log=lambda _: None)
+
+
+def load_block(path):
+    from prophet.models import load_model
+    return load_model(path)
+
+
+def test_lm_eval_decodes_a_block_model_in_whole_blocks():
+    pytest.importorskip("lm_eval", reason="lm-eval is the optional extra 'lmeval'")
+    from lm_eval.api.instance import Instance
+
+    from prophet.lmeval import ProphetLM, build_config
+
+    assert build_config({}, "block", None, 10, block_length=4).gen_length == 12  # rounded up to whole blocks
+    assert build_config({}, "llada", None, 10, block_length=None).gen_length == 10
+    model = confident_llada2(4)
+    lm = ProphetLM(model=model, rule="prophet", region="block", thresholds="2/1.5/1")
+    prompts = ("what is 12+30?", "hi", "abcdefg")
+    reqs = [Instance("generate_until", {}, (p, {"until": [], "max_gen_toks": 10}), i, ("t", i, 1))
+            for i, p in enumerate(prompts)]
+    texts = lm.generate_until(reqs)
+    cfg = lm.config_for(10)
+    assert cfg.host == "block" and cfg.gen_length == 12
+    want = decode(model, [model.encode(p) for p in prompts], cfg, seeds=[lm.seed + i for i in range(3)])
+    for text, toks, n in zip(texts, want.tokens.tolist(), want.num_generated.tolist()):
+        assert text == model.decode(toks[:min(n, 10)])
+    stats = lm.summary()["t"]
+    assert stats["mean_forward_tokens"] > 0
+    # the greedy check of loglikelihood decodes whole blocks and compares the target's positions
+    target = want.tokens[1, :5].tolist()
+    assert lm._greedy(model.encode("hi"), target)

@@ -15,7 +15,7 @@ from prophet.scripted import ScriptedDLM
 
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+from tiny_support import one_thread  # noqa: E402,F401 (an autouse fixture: one intra-op thread)
 
 
 FIELDS = ("tokens", "steps_used", "committed_early", "commit_step", "nonfinite", "num_generated")

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FIELDS = ("tokens", "steps_used", "committed_early", "commit_step", "nonfinite", "num_generated")
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+from tiny_support import one_thread  # noqa: E402,F401 (an autouse fixture: one intra-op thread)
 
 
 def load(name):
