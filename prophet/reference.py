@@ -4,7 +4,9 @@
 (`prophet.rules`, unit-tested on their own) and the same per-row random draws, but its own loop,
 schedule arithmetic and selection (a Python sort), so that the batching machinery, the per-row
 state and the commit rules are checked against a plain reading of SPEC. The cases SPEC leaves
-open are decided in `prophet.decode`'s module docstring; this file follows the same decisions.
+open are decided in the hosts' module docstrings (`prophet.hosts.window` for LLaDA and Dream,
+`prophet.hosts.block` for block diffusion); this file follows the same decisions. The block host's
+oracle is LLaDA2's loop: one row, no cache, every pass recomputing the whole prefix.
 """
 from __future__ import annotations
 

@@ -21,11 +21,11 @@ from tiny_support import one_thread  # noqa: E402,F401 (an autouse fixture: one 
 
 
 @lru_cache(maxsize=None)
-def confident_llada2(block_length: int, eos_often: bool = False) -> NativeAdapter:
+def confident_llada2(block_length: int, eos_often: bool = False, dtype: torch.dtype = torch.float64) -> NativeAdapter:
     """A random tiny LLaDA2 in float64 (the cache and the recomputed prefix then agree far below
     any ranking gap), its head scaled so that probabilities and gaps span the rules' thresholds;
     `eos_often`: EOS's head row next to that of the token masks favour most, so rows stop early."""
-    module = tiny_llada2(seed=block_length, block_length=block_length).double()
+    module = tiny_llada2(seed=block_length, block_length=block_length).to(dtype)
     tok = char_tokenizer()
     with torch.no_grad():
         module.lm_head.weight.mul_(40)
@@ -238,3 +238,26 @@ def test_lm_eval_decodes_a_block_model_in_whole_blocks():
     # the greedy check of loglikelihood decodes whole blocks and compares the target's positions
     target = want.tokens[1, :5].tolist()
     assert lm._greedy(model.encode("hi"), target)
+
+
+def test_a_block_decode_reads_the_host_once_per_step(monkeypatch):
+    # issue 10's budget: one read per step (the rows' [finished, phase]) plus one per compaction
+    import importlib
+
+    from prophet.hosts.block import BlockBatch
+    from tests.test_host_reads import HostReads
+
+    decode_mod = importlib.import_module("prophet.decode")  # the module (prophet.decode is also the function)
+    model = confident_llada2(4, dtype=torch.float32)  # float64 experts run one by one (a read per layer)
+    steps, keeps = [], []
+    real_step, real_keep = decode_mod._step, BlockBatch.keep
+    monkeypatch.setattr(decode_mod, "_step", lambda m, b: steps.append(1) or real_step(m, b))
+    monkeypatch.setattr(BlockBatch, "keep", lambda self, idx: keeps.append(1) or real_keep(self, idx))
+    prompts = [model.encode(s) for s in ("what is 12+30?", "hi", "abcdefg", "x", "0123")]
+    cfg = DecodeConfig(host="block", gen_length=12, steps=12, batch_size=2, rule="prophet", region="window",
+                       lookahead=1, thresholds=(2.0, 1.5, 1.0), editing_threshold=0.5, max_post_steps=2,
+                       temperature=0.5)
+    with HostReads() as reads:
+        decode(model, prompts, cfg)
+    assert len(steps) >= 8
+    assert len(reads.calls) <= len(steps) + len(keeps), sorted(set(reads.calls))
