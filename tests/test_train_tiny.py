@@ -123,3 +123,23 @@ def test_expert_bias_moves_toward_the_under_loaded_experts():
     with torch.no_grad():
         module(torch.randint(6, 60, (2, 5)))
     assert balance.counts[0].sum() == 0   # detached: nothing counted
+
+
+@pytest.mark.parametrize("per_step", [1, 4])
+def test_plain_block_decode_fills_the_window_block_by_block(per_step):
+    from prophet.models import char_tokenizer
+
+    cfg = train_tiny.TrainConfig(family="llada2", layers=2, block=4)
+    tok = char_tokenizer()
+    torch.manual_seed(0)
+    model = train_tiny.NativeAdapter(train_tiny.build_module(cfg, tok.vocab_size, 128).eval(), tok)
+    prompts = [tok.encode("X:0110="), tok.encode("X:1=")]
+    windows = train_tiny.plain_block_decode(model, prompts, 10, per_step)
+    assert [len(w) for w in windows] == [10, 10]
+    assert all(model.mask_id not in w for w in windows)
+    # a block decoded alone (the rest masked) is what the full decode wrote there: later blocks never
+    # influence earlier ones, and with per_step = block every block is written in one step
+    if per_step == 4:
+        # block 1 is prompt positions 4..6 and the first window position
+        first = train_tiny.plain_block_decode(model, [prompts[0]], 1, 4)[0]
+        assert first == windows[0][:1]
