@@ -57,3 +57,14 @@ def task_rows() -> list[dict]:
     task = get_task("sudoku4")
     return [{"prompt": ex.prompt, "answer": ex.answer, "task": task.name}
             for ex in task.examples("test", 40, seed=1)]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: intra-op threads only wait on each other on a busy 2-core machine (a 32-wide
+    softmax took 10 ms there); modules use it with pytestmark = pytest.mark.usefixtures("one_thread")."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

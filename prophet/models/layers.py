@@ -39,6 +39,7 @@ class AttentionInputs:
     key_mask: torch.Tensor | None
     slots: torch.Tensor | None = None   # (B,) cache slot of each row; None = no cache
     write_at: torch.Tensor | None = None  # (B, Q) cache position of each query's key/value
+    first_slot: int | None = None       # rows sit in slots first_slot .. first_slot + B - 1, in order
 
 
 @dataclass
@@ -53,6 +54,9 @@ class CacheIndex:
     slots: torch.Tensor      # (B,) int64
     positions: torch.Tensor  # (B, Q) int64 position of each query in its row; -1 = padding
     lengths: torch.Tensor    # (B,) int64 real positions of each row (prompt + window)
+    # known on the host by the caller: slots == first_slot + arange(B), so attention reads the
+    # cache in place (a view) instead of gathering every row's whole cache each layer
+    first_slot: int | None = None
 
 
 class KVCache(nn.Module):
@@ -68,13 +72,24 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, slots: torch.Tensor, write_at: torch.Tensor, k: torch.Tensor,
-               v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write (B, Hkv, Q, D) keys/values at their positions; return each row's slot (B, Hkv, L + 1, D)."""
+    def update(self, slots: torch.Tensor, write_at: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               first_slot: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write (B, Hkv, Q, D) keys/values at their positions; return each row's slot (B, Hkv, L + 1, D):
+        a view of the cache when the rows sit in consecutive slots from `first_slot`, else a gather."""
         rows = slots[:, None].expand_as(write_at)  # (B, Q)
         self.k.index_put_((rows, write_at), k.transpose(1, 2).to(self.k.dtype))
         self.v.index_put_((rows, write_at), v.transpose(1, 2).to(self.v.dtype))
+        if first_slot is not None:
+            end = first_slot + slots.shape[0]
+            return self.k[first_slot:end].transpose(1, 2), self.v[first_slot:end].transpose(1, 2)
         return self.k[slots].transpose(1, 2), self.v[slots].transpose(1, 2)
+
+    def move(self, src: list[int], dst: list[int]) -> None:
+        """Copy the slots src into the slots dst (disjoint), keys and values."""
+        if src:
+            s, d = torch.tensor(src, device=self.k.device), torch.tensor(dst, device=self.k.device)
+            self.k.index_copy_(0, d, self.k.index_select(0, s))
+            self.v.index_copy_(0, d, self.v.index_select(0, s))
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -161,7 +176,7 @@ def attention_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor | Non
             key_mask = block_causal_mask(pos, keys.expand_as(real), real, block_length)  # (B, 1, Q, L + 1)
         write_at = torch.where(pos >= 0, pos, cache_length)
         cos, sin = rotary_tables(pos.clamp(min=0), head_dim, theta)
-        return AttentionInputs(cos, sin, key_mask, cache.slots, write_at)
+        return AttentionInputs(cos, sin, key_mask, cache.slots, write_at, cache.first_slot)
     if attention_mask is None:
         pos = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         key_mask = None if block_length is None else block_causal_mask(
@@ -220,7 +235,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: AttentionI
     if inputs.slots is not None:
         if cache is None:
             raise RuntimeError("a cached forward needs setup_cache() first")
-        k, v = cache.update(inputs.slots, inputs.write_at, k, v)  # (B, Hkv, L + 1, D)
+        k, v = cache.update(inputs.slots, inputs.write_at, k, v, inputs.first_slot)  # (B, Hkv, L + 1, D)
     # The mask (pad keys, or block-causal) is the only restriction. With grouped heads, KV head j
     # serves query heads j*rep .. (j+1)*rep-1 (the Llama/Qwen2 grouping), which SDPA's enable_gqa
     # does without materialising the repeated keys and values.
