@@ -263,8 +263,8 @@ def train(adapter: NativeAdapter, cfg: TrainConfig, log_every: int = 50,
 def heldout_accuracy(model_dir: Path, task_names: Sequence[str], n: int) -> dict:
     """Full and one-shot accuracy of the SAVED model (reloaded from disk) on n test prompts per task.
 
-    A block-diffusion model is decoded by plain_block_decode (Full: one position per step; one-shot:
-    one step per block) until the block host serves it through the decoder.
+    A block-diffusion model decodes on the block host, which has no EOS demotion (its rows stop after
+    the first block holding EOS instead); its one-shot is one step per block.
     """
     model = load_model(model_dir)
     out = {}
@@ -272,8 +272,10 @@ def heldout_accuracy(model_dir: Path, task_names: Sequence[str], n: int) -> dict
         task = get_task(name)
         examples = task.examples("test", task.available("test", n), seed=0)
         if model.block_length is not None:
-            out[name] = {"n": len(examples), "full": block_accuracy(model, task, examples, 1),
-                         "one_step_per_block": block_accuracy(model, task, examples, model.block_length)}
+            full = task_config(model, task, confidence_eos_eot_inf=False)
+            fast = replace(full, steps=full.gen_length // model.block_length)
+            out[name] = {"n": len(examples), "full": run_task(model, task, examples, full).accuracy,
+                         "one_step_per_block": run_task(model, task, examples, fast).accuracy}
             continue
         full = task_config(model, task)
         out[name] = {"n": len(examples), "full": run_task(model, task, examples, full).accuracy,
@@ -281,41 +283,12 @@ def heldout_accuracy(model_dir: Path, task_names: Sequence[str], n: int) -> dict
     return out
 
 
-@torch.no_grad()
-def plain_block_decode(model: NativeAdapter, prompts: Sequence[Sequence[int]], gen_length: int,
-                       per_step: int, batch_size: int = 128) -> list[list[int]]:
-    """Block diffusion decoded plainly (the whole sequence recomputed every step, no cache): blocks of
-    model.block_length from each row's position 0; each step commits the per_step most confident
-    masked positions of the row's first unfinished block, EOS last (its confidence counts as 0)."""
-    out: list[list[int]] = []
-    for lo in range(0, len(prompts), batch_size):
-        rows = [list(p) + [model.mask_id] * gen_length for p in prompts[lo:lo + batch_size]]
-        L = max(map(len, rows))
-        ids = torch.tensor([[model.pad_id] * (L - len(r)) + r for r in rows])           # (B, L)
-        attn = torch.tensor([[False] * (L - len(r)) + [True] * len(r) for r in rows])
-        block = position_ids(attn) // model.block_length                                # (B, L)
-        while True:
-            masked = ids == model.mask_id
-            if not masked.any():
-                break
-            current = block.masked_fill(~masked, L).min(-1, keepdim=True).values        # (B, 1)
-            candidate = masked & (block == current)
-            conf, x0 = model.logits(ids, attn).float().softmax(-1).max(-1)              # (B, L)
-            conf = torch.where(x0 == model.eos_id, 0.0, conf).masked_fill(~candidate, -1.0)
-            top = conf.topk(min(per_step, L), dim=-1).indices                           # (B, k)
-            commit = torch.zeros_like(candidate).scatter_(1, top, True) & candidate
-            ids = torch.where(commit, x0, ids)
-        out += [row[-gen_length:] for row in ids.tolist()]
-    return out
-
-
-def block_accuracy(model: NativeAdapter, task: Task, examples: Sequence[Example], per_step: int) -> float:
-    """Accuracy of plain_block_decode on the task's examples (text up to the first EOS/EoT scored)."""
-    prompts = [model.encode(ex.prompt) for ex in examples]
-    windows = plain_block_decode(model, prompts, task.budget.gen_length, per_step)
-    stops = {model.eos_id, model.eot_id}
-    texts = [model.decode(w[:next((i for i, t in enumerate(w) if t in stops), len(w))]) for w in windows]
-    return sum(task.score(ex.prompt, t) for ex, t in zip(examples, texts)) / len(examples)
+def _initial(path: str, cfg: TrainConfig) -> torch.nn.Module:
+    """The fp32 module of a saved model of cfg's family, to continue training from."""
+    module = load_model(path).module
+    if module.config.family != cfg.family:
+        raise SystemExit(f"--init {path} holds a {module.config.family} model, not {cfg.family}")
+    return module
 
 
 def parse_batch(spec: str) -> tuple[tuple[str, int], ...]:
@@ -345,6 +318,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    "OUT/snapshot every N steps (0 = never)")
     p.add_argument("--eval-n", type=int, default=500, help="held-out test prompts per task for the final "
                    "full-decoding accuracy (0 = skip)")
+    p.add_argument("--init", help="continue from this saved model's weights (same family; an fp32 snapshot "
+                   "keeps them exact) with a fresh warm-up and cosine over --steps")
+    p.add_argument("--lr", type=float, default=TrainConfig.lr, help="peak learning rate")
     return p.parse_args(argv)
 
 
@@ -352,11 +328,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     """Train, save with save_model, reload from disk and record the held-out accuracy."""
     args = parse_args(argv)
     cfg = TrainConfig(family=args.family, steps=args.steps, batch=parse_batch(args.batch), seed=args.seed,
-                      warmup=args.warmup, max_window=args.max_window, threads=args.threads)
+                      warmup=args.warmup, max_window=args.max_window, threads=args.threads, lr=args.lr)
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     tokenizer = char_tokenizer()
-    module = build_module(cfg, tokenizer.vocab_size, max_length=128)
+    module = build_module(cfg, tokenizer.vocab_size, max_length=128) if not args.init else _initial(args.init, cfg)
     adapter = NativeAdapter(module, tokenizer, name=f"tiny-{cfg.family}")
     params = sum(p.numel() for p in module.parameters())
     print(f"tiny-{cfg.family}: {params:,} parameters, {cfg.steps} steps, {cfg.threads} thread(s)", flush=True)
@@ -367,7 +343,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     out = save_copy(module, tokenizer, args.out, dtype)
     record = {"command": "jobs/train_tiny.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "config": cfg.__dict__, "parameters": params, "train_seconds": round(seconds, 1),
-              "saved_dtype": args.dtype, "final_loss": log[-1], "torch": torch.__version__}
+              "saved_dtype": args.dtype, "final_loss": log[-1], "torch": torch.__version__,
+              **({"init": args.init} if args.init else {})}
     if args.eval_n:
         record["heldout_accuracy"] = heldout_accuracy(out, [name for name, _ in cfg.batch], args.eval_n)
     (Path(out) / "training.json").write_text(json.dumps(record, indent=2) + "\n")
