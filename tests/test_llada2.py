@@ -29,8 +29,8 @@ def tiny_llada2(seed: int = 0, **overrides) -> LLaDA2Model:
               max_position_embeddings=256, rope_theta=10000.0, block_length=4, **CHAR_TOKEN_IDS)
     module = LLaDA2Model(LLaDA2Config(**{**kw, **overrides}))
     with torch.no_grad():  # a trained router has a non-zero bias; make the tests see one
-        for layer in module.model.layers[1:]:
-            layer.mlp.gate.expert_bias.normal_(std=0.05)
+        for moe in (m for m in module.modules() if isinstance(m, SparseMoE)):
+            moe.gate.expert_bias.normal_(std=0.05)
     return module.eval()
 
 
@@ -106,6 +106,14 @@ def test_absent_use_bias_is_refused_since_the_reference_default_has_biases():
 def test_a_llada22_config_is_refused_by_name(extra):
     with pytest.raises(ModelLoadError, match="LLaDA2.2"):
         LLaDA2Config.from_dict({**MINI_JSON, **extra})
+
+
+def test_missing_widths_are_named_and_no_experts_means_every_layer_dense():
+    with pytest.raises(ModelLoadError, match="moe_intermediate_size"):
+        LLaDA2Config.from_dict({**MINI_JSON, "moe_intermediate_size": None, "num_experts": 8, "n_group": 1,
+                                "topk_group": 1})
+    dense = tiny_llada2(num_experts=None)
+    assert not any(".experts." in k or ".gate.weight" in k for k in dense.state_dict())
 
 
 # ---------------------------------------------------------------- router and MoE layer

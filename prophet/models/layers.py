@@ -133,6 +133,28 @@ def block_causal_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, k_real: torch.Te
     return seen[:, None]
 
 
+def two_copy_block_inputs(attention_mask: torch.Tensor, head_dim: int, theta: float,
+                          block_length: int) -> AttentionInputs:
+    """Attention inputs of the block-diffusion training pass (BD3-LM) over a (B, 2L) input: a noisy
+    copy of each row, then its clean copy, both at the row's own positions.
+
+    Noisy block b attends to noisy block b and to clean blocks before b; clean block b attends to
+    clean blocks up to b (plain block-causal), so every noisy block is predicted in one pass from
+    exactly what it sees when it is decoded. attention_mask (B, L) marks the real positions.
+    """
+    real = attention_mask.bool()
+    pos = position_ids(attention_mask)                                  # (B, L)
+    block = pos // block_length
+    same = block[:, None, :] == block[:, :, None]                        # (B, Lq, Lk)
+    before = block[:, None, :] < block[:, :, None]
+    noisy_rows = torch.cat([same, before], dim=-1)                       # noisy queries: (B, L, 2L)
+    clean_rows = torch.cat([torch.zeros_like(same), same | before], dim=-1)  # clean queries
+    seen = torch.cat([noisy_rows, clean_rows], dim=1) & real.repeat(1, 2)[:, None, :]  # (B, 2L, 2L)
+    seen = seen | ~seen.any(-1, keepdim=True)
+    cos, sin = rotary_tables(pos.repeat(1, 2), head_dim, theta)          # (B, 1, 2L, D)
+    return AttentionInputs(cos, sin, seen[:, None])
+
+
 def attention_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, head_dim: int, theta: float,
                      cache: CacheIndex | None = None, cache_length: int = 0,
                      block_length: int | None = None) -> AttentionInputs:

@@ -107,10 +107,10 @@ class LLaDA2Config(TransformersSizes, FamilyConfig):
         if self.rotary_dim % 2 or self.rotary_dim == 0:
             raise ModelLoadError(f"config.json: partial_rotary_factor {self.partial_rotary_factor} of head_dim "
                                  f"{self.head_dim} gives an odd or empty rotary width {self.rotary_dim}")
-        for name in ("intermediate_size", "moe_intermediate_size"):
-            needed = self.dense_layers > 0 if name == "intermediate_size" else self.dense_layers < self.num_hidden_layers
-            if needed and not getattr(self, name):
-                raise ModelLoadError(f"config.json: {name} is missing, and layers of that kind exist")
+        if self.dense_layers and not self.intermediate_size:
+            raise ModelLoadError("config.json: intermediate_size is missing, and dense layers exist")
+        if self.dense_layers < self.num_hidden_layers and not self.moe_intermediate_size:
+            raise ModelLoadError("config.json: moe_intermediate_size is missing, and MoE layers exist")
         if self.block_length is not None and self.block_length < 1:
             raise ModelLoadError(f"config.json: block_length must be positive (got {self.block_length})")
 

@@ -135,10 +135,13 @@ class SparseMoE(nn.Module):
         return out
 
     def _grouped_ok(self, x: torch.Tensor) -> bool:
-        """torch's grouped matmul applies: inference (its CPU backward fails on empty groups), and
-        rows whose byte widths it accepts (multiples of 16)."""
+        """torch's grouped matmul applies: inference (its CPU backward fails on empty groups), not float64
+        (not among its dtypes; the decoder's oracle tests run it), bf16 on CUDA (its kernel's dtype,
+        Hopper and later), and rows whose byte widths it accepts (multiples of 16)."""
         if torch.is_grad_enabled() or not hasattr(torch, "_grouped_mm") or x.dtype == torch.float64:
-            return False  # float64 (the decoder's oracle tests) is not among its dtypes
+            return False
+        if x.is_cuda and (x.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device)[0] < 9):
+            return False
         inner = self.experts[0].gate_proj.weight.shape[0]
         return all(d * x.element_size() % 16 == 0 for d in (x.shape[1], inner))
 
