@@ -16,6 +16,8 @@ run; no absolute time is a target. Timing and tables are shared (benchmarks/harn
 - forward (benchmarks/forward.py, GPU): native LLaDA-8B with random bf16 weights, one forward per
   batch x sequence: time, TFLOP/s, MFU against the measured bf16 matmul peak, peak memory.
 - cache (benchmarks/cache.py): what the block KV cache saves, per cache mode and rule.
+- block (benchmarks/block.py): the block host's exact cache against the reference's recompute of
+  every prefix on a random LLaDA2-family model, per rule, and look-ahead's cost.
 - gpu (benchmarks/gpu.py, GPU): the one script for a lent H100/H200, forward MFU and decode tokens/s.
 - memory (benchmarks/memory.py): the decoder's peak memory at a real vocabulary.
 """
@@ -32,10 +34,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from benchmarks import batching, cache, forward, gpu, memory, throughput  # noqa: E402
+from benchmarks import batching, block, cache, forward, gpu, memory, throughput  # noqa: E402
 
 SECTIONS: dict[str, ModuleType] = {"batching": batching, "pipeline": throughput, "forward": forward, "cache": cache,
-                                   "gpu": gpu, "memory": memory}
+                                   "block": block, "gpu": gpu, "memory": memory}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

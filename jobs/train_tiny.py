@@ -1,12 +1,20 @@
-"""Train the tiny LLaDA and Dream models on the synthetic tasks with the masked-diffusion objective.
+"""Train the tiny LLaDA, Dream and LLaDA2 models on the synthetic tasks with the masked-diffusion objective.
 
     .venv/bin/python jobs/train_tiny.py --family llada --out checkpoints/tiny-llada
     .venv/bin/python jobs/train_tiny.py --family dream --out checkpoints/tiny-dream
+    .venv/bin/python jobs/train_tiny.py --family llada2 --out checkpoints/tiny-llada2
 
 Objective (LLaDA's): draw t ~ U[eps, 1] per row, mask each window position (answer and its EOS
 padding, of a length drawn per row up to --max-window; never the prompt) with probability t, cross-entropy on the masked positions weighted by
 1/t. Logits come from the adapter's own aligned `logits()` body, so Dream trains through its
 one-position shift exactly as it decodes. Fresh examples every step; everything is seeded.
+
+LLaDA2 (block diffusion) trains with BD3-LM's objective instead: every block of a row (counted from
+its position 0) is masked at its own ratio t_b, and one pass over the noisy row followed by the
+clean row predicts each noisy block from itself and the clean blocks before it (see
+layers.two_copy_block_inputs); the loss is the same 1/t-weighted masked cross-entropy. Its expert
+biases follow the auxiliary-loss-free balancing LLaDA2 trains with: after each step every router's
+bias moves by --bias-rate toward the experts that got fewer than their share of tokens.
 """
 from __future__ import annotations
 
@@ -30,7 +38,10 @@ sys.path.insert(0, str(ROOT))
 from prophet.models import load_model, save_model  # noqa: E402
 from prophet.models.adapter import NativeAdapter  # noqa: E402
 from prophet.models.dream import DreamConfig, DreamModel  # noqa: E402
+from prophet.models.layers import position_ids, two_copy_block_inputs  # noqa: E402
 from prophet.models.llada import LLaDAConfig, LLaDAModel  # noqa: E402
+from prophet.models.llada2 import LLaDA2Config, LLaDA2Model  # noqa: E402
+from prophet.models.moe import SigmoidRouter  # noqa: E402
 from prophet.models.tokenizer import CHAR_TOKEN_IDS, char_tokenizer  # noqa: E402
 from prophet.tasks import TASKS, Example, Task, get_task  # noqa: E402
 from prophet.tasks.evaluation import run_task, task_config  # noqa: E402
@@ -55,8 +66,18 @@ class TrainConfig:
     width: int = 128
     layers: int = 4
     heads: int = 4
-    kv_heads: int = 2            # Dream only (grouped KV like Qwen2); LLaDA uses full heads
-    mlp: int = 384
+    kv_heads: int = 2            # Dream and LLaDA2 (grouped KV); LLaDA uses full heads
+    mlp: int = 384               # SwiGLU width (LLaDA2: of its dense layers)
+    # LLaDA2 only: the mixture of experts and the attention block
+    experts: int = 8
+    top_k: int = 2
+    groups: int = 2              # expert groups; a token routes inside the best topk_group of them
+    topk_group: int = 1
+    expert_mlp: int = 96         # one routed expert's SwiGLU width (the shared expert's too)
+    shared_experts: int = 1
+    dense_layers: int = 1        # first_k_dense_replace
+    block: int = 8               # attention block (the window of 24 spans 3-4 blocks)
+    bias_rate: float = 1e-3      # expert-bias step of the loss-free load balancing
     threads: int = 1
     max_window: int = 24         # windows are drawn in [longest answer + 1, max_window] per row
 
@@ -81,7 +102,15 @@ def build_module(cfg: TrainConfig, vocab_size: int, max_length: int) -> torch.nn
                                       num_key_value_heads=cfg.kv_heads, num_hidden_layers=cfg.layers,
                                       intermediate_size=cfg.mlp, max_position_embeddings=max_length,
                                       **common))
-    raise ValueError(f"family={cfg.family!r}: choose 'llada' or 'dream'")
+    if cfg.family == "llada2":
+        return LLaDA2Model(LLaDA2Config(
+            hidden_size=cfg.width, num_attention_heads=cfg.heads, num_key_value_heads=cfg.kv_heads,
+            head_dim=cfg.width // cfg.heads, num_hidden_layers=cfg.layers, intermediate_size=cfg.mlp,
+            num_experts=cfg.experts, num_experts_per_tok=cfg.top_k, n_group=cfg.groups, topk_group=cfg.topk_group,
+            moe_intermediate_size=cfg.expert_mlp, num_shared_experts=cfg.shared_experts,
+            first_k_dense_replace=cfg.dense_layers, block_length=cfg.block, max_position_embeddings=max_length,
+            **common))
+    raise ValueError(f"family={cfg.family!r}: choose 'llada', 'dream' or 'llada2'")
 
 
 def encode_batch(adapter: NativeAdapter, task: Task, examples: Sequence[Example],
@@ -122,6 +151,60 @@ def diffusion_loss(adapter: NativeAdapter, batch: Batch, gen: torch.Generator) -
     return (ce * weight).sum() / batch.window.sum()
 
 
+def block_diffusion_loss(adapter: NativeAdapter, batch: Batch, gen: torch.Generator) -> torch.Tensor:
+    """BD3-LM loss: each block masked at its own ratio t_b (window positions only), predicted from
+    itself and the clean earlier blocks in one two-copy pass; CE / t_b summed, over window positions."""
+    module, bl = adapter.module, adapter.block_length
+    B, L = batch.ids.shape
+    block = position_ids(batch.attn) // bl                                          # (B, L)
+    t = T_EPS + (1 - T_EPS) * torch.rand(B, L // bl + 1, generator=gen)             # (B, blocks)
+    t_at = t.gather(1, block)                                                       # (B, L) each position's ratio
+    masked = batch.window & (torch.rand(B, L, generator=gen) < t_at)                # (B, L)
+    noisy = batch.ids.masked_fill(masked, adapter.mask_id)
+    c = module.config
+    inputs = two_copy_block_inputs(batch.attn, c.rotary_dim, c.rope_theta, bl)
+    h = module.hidden(torch.cat([noisy, batch.ids], dim=1), inputs)                 # (B, 2L, C)
+    logits = module.head(h[:, :L])                                                  # noisy copy only
+    ce = F.cross_entropy(logits[masked].float(), batch.ids[masked], reduction="none")  # (M,)
+    return (ce / t_at[masked]).sum() / batch.window.sum()
+
+
+def training_loss(adapter: NativeAdapter, batch: Batch, gen: torch.Generator) -> torch.Tensor:
+    """The family's objective: block diffusion for block-causal models, else masked diffusion."""
+    if adapter.block_length is not None:
+        return block_diffusion_loss(adapter, batch, gen)
+    return diffusion_loss(adapter, batch, gen)
+
+
+class ExpertLoad:
+    """Counts the tokens each router sends to each expert, and nudges the expert biases to even them
+    out (DeepSeek-V3's auxiliary-loss-free balancing, which LLaDA2 trains with)."""
+
+    def __init__(self, module: torch.nn.Module, rate: float) -> None:
+        self.rate = rate
+        self.routers = [m for m in module.modules() if isinstance(m, SigmoidRouter)]
+        self.counts = [torch.zeros(r.spec.n_experts) for r in self.routers]
+        self.hooks = [router.register_forward_hook(self._hook(i)) for i, router in enumerate(self.routers)]
+
+    def _hook(self, i: int):
+        def count(module: torch.nn.Module, args: tuple, out: tuple[torch.Tensor, torch.Tensor]) -> None:
+            if module.training:
+                self.counts[i] += torch.bincount(out[0].flatten(), minlength=len(self.counts[i]))
+        return count
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """Raise the bias of under-loaded experts, lower the over-loaded ones; reset the counts."""
+        for router, load in zip(self.routers, self.counts):
+            router.expert_bias += self.rate * torch.sign(load.mean() - load)
+            load.zero_()
+
+    def close(self) -> None:
+        """Detach the counting hooks."""
+        for hook in self.hooks:
+            hook.remove()
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Linear warm-up, then cosine from lr down to final_lr_frac * lr."""
     if step < cfg.warmup:
@@ -145,6 +228,7 @@ def train(adapter: NativeAdapter, cfg: TrainConfig, log_every: int = 50,
     """
     module = adapter.module.train()
     opt = torch.optim.AdamW(module.parameters(), lr=cfg.lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay)
+    balance = ExpertLoad(module, cfg.bias_rate)
     rng, gen = random.Random(cfg.seed), torch.Generator().manual_seed(cfg.seed)
     tasks = [(get_task(name), n) for name, n in cfg.batch]
     log, start = [], time.perf_counter()
@@ -159,32 +243,52 @@ def train(adapter: NativeAdapter, cfg: TrainConfig, log_every: int = 50,
             # the task budget's (the pipeline runs every task with one gen_length).
             windows = [rng.randint(task.max_answer_len + 1, cfg.max_window) for _ in examples]
             batch = encode_batch(adapter, task, examples, windows)
-            loss = diffusion_loss(adapter, batch, gen)
+            loss = training_loss(adapter, batch, gen)
             loss.backward()
             losses[task.name] = round(float(loss.detach()), 4)
         torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.clip)
         opt.step()
+        balance.step()
         if step % log_every == 0 or step == cfg.steps - 1:
             entry = {"step": step, "seconds": round(time.perf_counter() - start, 1), **losses}
             log.append(entry)
             print(json.dumps(entry), flush=True)
         if save_every and save_dir and (step + 1) % save_every == 0:
             save_copy(module, adapter.tokenizer, save_dir, torch.float32)
+    balance.close()
     module.eval()
     return log
 
 
 def heldout_accuracy(model_dir: Path, task_names: Sequence[str], n: int) -> dict:
-    """Full and one-shot accuracy of the SAVED model (reloaded from disk) on n test prompts per task."""
+    """Full and one-shot accuracy of the SAVED model (reloaded from disk) on n test prompts per task.
+
+    A block-diffusion model decodes on the block host, which has no EOS demotion (its rows stop after
+    the first block holding EOS instead); its one-shot is one step per block.
+    """
     model = load_model(model_dir)
     out = {}
     for name in task_names:
         task = get_task(name)
         examples = task.examples("test", task.available("test", n), seed=0)
+        if model.block_length is not None:
+            full = task_config(model, task, confidence_eos_eot_inf=False)
+            fast = replace(full, steps=full.gen_length // model.block_length)
+            out[name] = {"n": len(examples), "full": run_task(model, task, examples, full).accuracy,
+                         "one_step_per_block": run_task(model, task, examples, fast).accuracy}
+            continue
         full = task_config(model, task)
         out[name] = {"n": len(examples), "full": run_task(model, task, examples, full).accuracy,
                      "one_shot": run_task(model, task, examples, replace(full, steps=1)).accuracy}
     return out
+
+
+def _initial(path: str, cfg: TrainConfig) -> torch.nn.Module:
+    """The fp32 module of a saved model of cfg's family, to continue training from."""
+    module = load_model(path).module
+    if module.config.family != cfg.family:
+        raise SystemExit(f"--init {path} holds a {module.config.family} model, not {cfg.family}")
+    return module
 
 
 def parse_batch(spec: str) -> tuple[tuple[str, int], ...]:
@@ -199,7 +303,7 @@ def parse_batch(spec: str) -> tuple[tuple[str, int], ...]:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--family", choices=("llada", "dream"), required=True)
+    p.add_argument("--family", choices=("llada", "dream", "llada2"), required=True)
     p.add_argument("--out", required=True, help="checkpoint directory to write")
     p.add_argument("--steps", type=int, default=TrainConfig.steps)
     p.add_argument("--batch", default=",".join(f"{k}={v}" for k, v in TrainConfig.batch),
@@ -214,6 +318,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    "OUT/snapshot every N steps (0 = never)")
     p.add_argument("--eval-n", type=int, default=500, help="held-out test prompts per task for the final "
                    "full-decoding accuracy (0 = skip)")
+    p.add_argument("--init", help="continue from this saved model's weights (same family; an fp32 snapshot "
+                   "keeps them exact) with a fresh warm-up and cosine over --steps")
+    p.add_argument("--lr", type=float, default=TrainConfig.lr, help="peak learning rate")
     return p.parse_args(argv)
 
 
@@ -221,11 +328,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     """Train, save with save_model, reload from disk and record the held-out accuracy."""
     args = parse_args(argv)
     cfg = TrainConfig(family=args.family, steps=args.steps, batch=parse_batch(args.batch), seed=args.seed,
-                      warmup=args.warmup, max_window=args.max_window, threads=args.threads)
+                      warmup=args.warmup, max_window=args.max_window, threads=args.threads, lr=args.lr)
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     tokenizer = char_tokenizer()
-    module = build_module(cfg, tokenizer.vocab_size, max_length=128)
+    module = build_module(cfg, tokenizer.vocab_size, max_length=128) if not args.init else _initial(args.init, cfg)
     adapter = NativeAdapter(module, tokenizer, name=f"tiny-{cfg.family}")
     params = sum(p.numel() for p in module.parameters())
     print(f"tiny-{cfg.family}: {params:,} parameters, {cfg.steps} steps, {cfg.threads} thread(s)", flush=True)
@@ -236,7 +343,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     out = save_copy(module, tokenizer, args.out, dtype)
     record = {"command": "jobs/train_tiny.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "config": cfg.__dict__, "parameters": params, "train_seconds": round(seconds, 1),
-              "saved_dtype": args.dtype, "final_loss": log[-1], "torch": torch.__version__}
+              "saved_dtype": args.dtype, "final_loss": log[-1], "torch": torch.__version__,
+              **({"init": args.init} if args.init else {})}
     if args.eval_n:
         record["heldout_accuracy"] = heldout_accuracy(out, [name for name, _ in cfg.batch], args.eval_n)
     (Path(out) / "training.json").write_text(json.dumps(record, indent=2) + "\n")

@@ -85,11 +85,14 @@ class ModelConfig(_Section):
 
 # Descriptions of every DecodeConfig field; a test checks that none is missing.
 DECODE_DESCRIPTIONS: dict[str, str] = {
-    "host": "Step schedule: 'llada' (semi-autoregressive blocks) or 'dream' (eps schedule); "
+    "host": "Step schedule: 'llada' (semi-autoregressive blocks), 'dream' (eps schedule) or 'block' "
+            "(block-diffusion models such as LLaDA2: one block per step on an exact KV cache); "
             "unset = the model family's own.",
     "gen_length": "Generated positions after the prompt.",
     "steps": "Step budget (forward passes) for the whole window; 'Full' decoding spends all of them.",
-    "block_length": "Semi-autoregressive block length (divides gen_length), both hosts; unset = one block.",
+    "block_length": "Semi-autoregressive block length (divides gen_length) for hosts llada/dream; unset = "
+                    "one block. Host block: the model's attention block (unset = the model's; another "
+                    "value is refused).",
     "cache": "Block KV cache: 'none', 'prefix' (reuse keys/values before the block) or 'dual' (also "
              "the positions after it, as of the block's first step); needs a native model.",
     "cache_refresh_every": "With a cache, also recompute every position every k steps inside a block; "
@@ -117,7 +120,15 @@ DECODE_DESCRIPTIONS: dict[str, str] = {
     "anchor_ids": "Anchor token ids written into the canvas; prefer `anchor` (text).",
     "anchor_offset": "Window position of the anchor; unset = as late as fits.",
     "answer_window": "Positions watched after the anchor.",
-    "confidence": "confidence_threshold rule: commit positions whose probability exceeds this.",
+    "confidence": "confidence_threshold rule: commit positions whose probability exceeds this; unset = "
+                  "the host's default (0.9; 0.95 for host block, as LLaDA2's reference).",
+    "parallel": "Under rule 'prophet': the normal update of a step whose gap does not clear, the host's "
+                "schedule ('none') or a parallel rule ('confidence_threshold', 'gap_parallel').",
+    "lookahead": "Host block: mask blocks forwarded after the current one; Prophet watches them and its "
+                 "fill commits them too.",
+    "editing_threshold": "Host block (LLaDA2.1 editing): rewrite committed positions of the block whose "
+                         "prediction changed with probability above this; unset = no editing.",
+    "max_post_steps": "Host block with editing: passes after a block's last mask while an edit still fires.",
     "batch_size": "Decode slots per forward pass (continuous batching refills them).",
     "continuous": "Refill slots freed by finished rows (continuous batching).",
 }

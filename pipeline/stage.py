@@ -91,12 +91,33 @@ def plan_stage(cfg: StageConfig | JobConfig) -> StagePlan:
     host, anchor_ids = model_facts(stage)
     template = uses_template(stage)
     decode = stage.decode_config(host, anchor_ids).to_dict()
+    check_block_length(stage, decode)
     settings = {"decode": {k: v for k, v in decode.items() if k not in NOT_IN_SETTINGS},
                 "model": Path(stage.model.dir).resolve().name, "model_files": model_fingerprint(stage.model.dir),
                 "dtype": stage.dtype, "seed": stage.execution.seed, "prompt": stage.prompt_setting(template)}
     if stage.decoding.num_samples != 1:  # a rerun with another num_samples is a settings change (refused)
         settings["num_samples"] = stage.decoding.num_samples
     return StagePlan(decode, settings, settings_hash(settings), template, token_ids(stage.model.dir))
+
+
+def check_block_length(cfg: StageConfig, decode: dict) -> None:
+    """Host 'block' decodes in the model's attention blocks: decoding.block_length, when given, must be
+    the model's (config.json's, else the family's); read from config.json, no weights."""
+    if decode["host"] != "block" or "://" in cfg.model.dir:
+        return
+    from prophet.models.loading import native_family, read_config
+
+    raw = read_config(Path(cfg.model.dir))
+    family = native_family(raw)
+    model_block = getattr(family[0].from_dict(raw), "block_length", None) if family else None
+    if family and model_block is None:
+        model_block = getattr(family[0], "default_block_length", None)
+    if model_block is None:
+        raise JobConfigError(f"decoding.host: 'block' needs a block-diffusion model (block-causal attention); "
+                             f"{cfg.model.dir} is bidirectional: leave decoding.host unset")
+    if decode["block_length"] not in (None, model_block):
+        raise JobConfigError(f"decoding.block_length: {decode['block_length']} differs from the model's attention "
+                             f"block ({model_block}); host 'block' decodes in the model's blocks: leave it unset")
 
 
 def uses_template(cfg: StageConfig) -> bool:

@@ -8,10 +8,11 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal, get_args
 
-Host = Literal["llada", "dream"]
+Host = Literal["llada", "dream", "block"]
 Remasking = Literal["low_confidence", "random"]
 DreamAlg = Literal["origin", "maskgit_plus", "topk_margin", "entropy"]
 Rule = Literal["full", "prophet", "gap_parallel", "confidence_threshold"]
+Parallel = Literal["none", "gap_parallel", "confidence_threshold"]
 Region = Literal["anchor", "window", "block"]
 Statistic = Literal["mean", "min", "quantile"]
 Cache = Literal["none", "prefix", "dual"]
@@ -26,6 +27,8 @@ PRESETS: dict[str, tuple[float, float, float]] = {
     "paper_gsm8k": (8.0, 5.0, 3.5),
     "paper_code": (7.5, 5.0, 4.5),
 }
+# confidence_threshold's default per host: Fast-dLLM's 0.9, LLaDA2's reference 0.95 (SPEC 5, 8)
+DEFAULT_CONFIDENCE = {"llada": 0.9, "dream": 0.9, "block": 0.95}
 
 
 class ConfigError(ValueError):
@@ -36,10 +39,12 @@ class ConfigError(ValueError):
 class DecodeConfig:
     """How to decode: host schedule, sampling, commit rule and batching."""
 
-    host: Host = "llada"              # whose step schedule to run (LLaDA blocks or Dream eps)
+    host: Host = "llada"              # whose step schedule: LLaDA blocks, Dream eps, or block diffusion (LLaDA2)
     gen_length: int = 64              # generated positions after the prompt
     steps: int = 64                   # step budget (forward passes) for the whole window
-    block_length: int | None = None   # semi-autoregressive block (both hosts); None = one block of gen_length
+    # semi-autoregressive block (llada, dream); None = one block of gen_length. Host block: the
+    # model's attention block (None = the model's; another value is refused)
+    block_length: int | None = None
     # Block KV cache (SPEC section 6): none, prefix (cache what precedes the block) or dual (also
     # the positions after it, as of the block's first step). Needs a model that keeps keys/values.
     cache: Cache = "none"
@@ -68,7 +73,14 @@ class DecodeConfig:
     anchor_ids: tuple[int, ...] = ()  # answer-anchor tokens written into the canvas (region "anchor")
     anchor_offset: int | None = None  # window position of the anchor; None = as late as fits
     answer_window: int = 5            # monitored positions after the anchor
-    confidence: float = 0.9           # confidence_threshold rule: commit where p > confidence
+    confidence: float | None = None   # confidence_threshold: commit where p > confidence; None = the host's (0.9; block 0.95)
+    # Prophet's normal update: the host's schedule ('none') or a parallel rule on top (a step may
+    # both commit by the rule and, when the gap clears, fill the rest)
+    parallel: Parallel = "none"
+    # Block host (block-causal models, SPEC 8)
+    lookahead: int = 0                # mask blocks forwarded after the current one (Prophet watches and fills them)
+    editing_threshold: float | None = None  # LLaDA2.1 editing: rewrite committed positions whose argmax changed with p > this
+    max_post_steps: int = 16          # editing: passes after a block's last mask while an edit still fires
     # Batching
     batch_size: int = 32              # slots in the forward pass
     continuous: bool = True           # refill freed slots; False leaves finished rows frozen in the batch
@@ -103,12 +115,15 @@ class DecodeConfig:
             raise ConfigError(f"eps={self.eps} must lie in (0, 1)")
         if not 0.0 <= self.quantile <= 1.0:
             raise ConfigError(f"quantile={self.quantile} must lie in [0, 1]")
+        if self.confidence is None:
+            object.__setattr__(self, "confidence", DEFAULT_CONFIDENCE[self.host])
         if not 0.0 < self.confidence < 1.0:
             raise ConfigError(f"confidence={self.confidence} must lie in (0, 1)")
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"top_p={self.top_p} must lie in (0, 1]")
         if self.top_k is not None and self.top_k < 1:
             raise ConfigError(f"top_k={self.top_k} must be >= 1")
+        _check_block_host(self)
         if self.region == "anchor" and not self.anchor_ids:
             raise ConfigError("region='anchor' needs anchor_ids (the anchor text's token ids); "
                               "or choose region 'window' or 'block'")
@@ -178,7 +193,7 @@ def check_calibrated_with(cfg: DecodeConfig, fitted: dict | None, path: str | Pa
     if not fitted:
         return
     fitted = {"progress": "exact", **fitted}
-    skip = {"alg"} if cfg.host == "llada" else {"remasking"}
+    skip = {"llada": {"alg"}, "dream": {"remasking"}, "block": {"alg", "remasking"}}[cfg.host]
     differ = {k: f"{k} (calibrated {v!r}, here {getattr(cfg, k)!r})" for k, v in fitted.items()
               if k not in skip and hasattr(cfg, k) and getattr(cfg, k) != v}
     refused = [d for k, d in differ.items() if k not in PATH_FIELDS]
@@ -193,8 +208,32 @@ def check_calibrated_with(cfg: DecodeConfig, fitted: dict | None, path: str | Pa
                       "explicitly", CalibrationWarning, stacklevel=3)
 
 
+def _check_block_host(cfg: DecodeConfig) -> None:
+    """Fields that belong to one host only are refused on the others, with the fix."""
+    if cfg.host != "block":
+        if cfg.lookahead or cfg.editing_threshold is not None:
+            raise ConfigError(f"lookahead / editing_threshold apply to host 'block' (block-diffusion models); "
+                              f"host={cfg.host!r}: leave them unset")
+        return
+    if cfg.cache != "none" or cfg.cache_refresh_every is not None:
+        raise ConfigError("host 'block' always decodes on its exact block cache: leave cache and "
+                          "cache_refresh_every unset (they choose the approximate caches of bidirectional hosts)")
+    if cfg.cfg_scale > 0 or cfg.logits_eos_inf or cfg.confidence_eos_eot_inf:
+        raise ConfigError("host 'block' has no classifier-free guidance and no EOS demotion (LLaDA options): "
+                          "leave cfg_scale, logits_eos_inf and confidence_eos_eot_inf unset")
+    if "gap_parallel" in (cfg.rule, cfg.parallel):
+        raise ConfigError("host 'block' offers rules 'full', 'confidence_threshold' and 'prophet' (with parallel "
+                          "'none' or 'confidence_threshold'); gap_parallel is for hosts llada/dream")
+    if not isinstance(cfg.lookahead, int) or cfg.lookahead < 0:
+        raise ConfigError(f"lookahead={cfg.lookahead!r} must be an integer >= 0")
+    if cfg.editing_threshold is not None and not 0.0 < cfg.editing_threshold < 1.0:
+        raise ConfigError(f"editing_threshold={cfg.editing_threshold} must lie in (0, 1), or be unset (no editing)")
+    if not isinstance(cfg.max_post_steps, int) or cfg.max_post_steps < 0:
+        raise ConfigError(f"max_post_steps={cfg.max_post_steps!r} must be an integer >= 0")
+
+
 def _check_literals(cfg: DecodeConfig) -> None:
-    hints = {"host": Host, "remasking": Remasking, "alg": DreamAlg, "rule": Rule,
+    hints = {"host": Host, "remasking": Remasking, "alg": DreamAlg, "rule": Rule, "parallel": Parallel,
              "region": Region, "statistic": Statistic, "cache": Cache, "progress": Progress}
     for name, lit in hints.items():
         value, choices = getattr(cfg, name), get_args(lit)

@@ -1,603 +1,126 @@
-"""Fast batched decoding with continuous batching (SPEC sections 1-3).
+"""Fast batched decoding with continuous batching (SPEC sections 1-3, 8): the host-agnostic loop.
 
-`config.batch_size` slots share one forward pass per step. Prompts are left-padded to the widest
-row in the pass, so every row's generation window is the last `gen_length` columns. Each row
-carries its own step counter, block index and schedule; a row that finishes (early commit, no
-mask left, or budget spent) leaves the pass and a waiting prompt takes its slot. With
-`config.continuous=False` finished rows stay frozen in the pass until their whole batch is done
-(the benchmark's baseline); results are identical either way.
-
-Semantics shared with the oracle (`prophet.reference`), for the cases SPEC leaves open:
-- Candidates of a step are the masked positions of the row's current block (LLaDA) or of the
-  window (Dream, one block of `steps` steps). A block with no mask left is left at once, before
-  its budget is spent: its leftover steps are skipped (saved) but count as consumed for progress.
-- Progress p = schedule steps consumed / `steps` (blocks before the current one count in full).
-- `commit_step` is the 1-based forward pass at which Prophet went all in (= steps_used).
-- Gaps are taken on the logits the step uses: Dream-aligned, CFG-mixed and with the EOS ban
-  applied; the all-in fill is their argmax (not a temperature sample).
-- Region `anchor` monitors all `answer_window` positions after the anchor's free slot, masked or
-  not (the paper's mode); regions `window` and `block` only still-masked positions. An empty
-  region never commits.
-- The anchor is written once: committed positions never change and the all-in fill writes
-  masked positions only, so re-applying it after each step would be a no-op.
-- `confidence_eos_eot_inf`: as LLaDA's reference at temperature 0, the confidence is the softmax
-  taken with EOS/EoT at -inf after x0 is chosen (0 for a position proposing them, the others
-  renormalised); such positions also rank after all others and never pass a parallel rule's
-  threshold (at temperature > 0 the reference demotes only EoT, a known bug; here both).
-- `gap_parallel` and `confidence_threshold` also commit ceil(masks left / steps left) per step,
-  so a block always finishes within its budget. `confidence_threshold` replaces the host's
-  schedule (Fast-dLLM); `gap_parallel` adds to it. Probabilities are the host's own: LLaDA's
-  softmax of the logits, Dream's tempered/filtered sampling distribution.
-- Dream `origin` reveals each candidate with probability 1 - t_s/t_i; where a rule needs more,
-  the lowest uniforms (the next to be revealed) go first.
-- Rows with NaN/inf logits stop at that step with `nonfinite` set and their window as it was.
+`config.batch_size` slots share one forward pass per step. Each row carries its own state; a row
+that finishes leaves the pass and a waiting prompt takes its slot. With `config.continuous=False`
+finished rows stay frozen in the pass until their whole batch is done (the benchmark's baseline);
+results are identical either way. What a step does is the host's (`prophet.hosts`: LLaDA and
+Dream in `prophet.hosts.window`, block diffusion in `prophet.hosts.block`); the cases SPEC leaves
+open are decided in those modules' docstrings.
 """
 from __future__ import annotations
 
 import time
 from collections import deque
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import torch
 
 from prophet.config import ConfigError, DecodeConfig
-from prophet.noise import POSITION_STREAM, TOKEN_STREAM, counter_key, position_uniforms, seed_words, token_uniforms
-from prophet.rules import (Proposal, budget_floor, cfg_mix, compact, count_generated, gumbel_perturb, pool_gaps,
-                           prophet_decision, propose, random_positions, rank_desc, select_positions)
-from prophet.schedules import dream_schedule, dream_transfer_fraction, llada_schedule, prophet_tau
+from prophet.hosts import host_for
+from prophet.hosts.common import (initial_window, make_result, monitored_slice, resolve_seeds, stop_ids,
+                                  validate_request)
+from prophet.hosts.window import span_lower, step_span
 from prophet.types import DLM, CachedDLM, DecodeResult
 
-# ---------------------------------------------------------------------------------------------
-# Shared with the oracle: request checks, seeds, result assembly
+__all__ = ["decode", "kv_cache", "initial_window", "make_result", "monitored_slice", "resolve_seeds", "span_lower",
+           "step_span", "stop_ids", "validate_request"]
 
-
-def validate_request(model: DLM, prompts: Sequence[Sequence[int]], config: DecodeConfig) -> list[list[int]]:
-    """Refuse, before any forward pass, what cannot be decoded; return the prompts as int lists."""
-    if model.pad_id == model.mask_id:
-        raise ConfigError(f"model.pad_id equals model.mask_id ({model.mask_id}): padding would read as masks; "
-                          "give the adapter a pad id distinct from its mask id")
-    vocab = model.vocab_size
-    for t in config.anchor_ids:
-        if not 0 <= t < vocab or t == model.mask_id:
-            raise ConfigError(f"anchor_ids holds {t}, which is the mask id or outside the vocabulary [0, {vocab}): "
-                              "encode the anchor text with this model's tokenizer")
-    out = []
-    for i, p in enumerate(prompts):
-        ids = p.tolist() if isinstance(p, torch.Tensor) else [int(t) for t in p]
-        if not ids:
-            raise ConfigError(f"prompts[{i}] is empty: give every prompt at least one token")
-        if len(ids) + config.gen_length > model.max_length:
-            raise ConfigError(f"prompts[{i}] has {len(ids)} tokens; with gen_length={config.gen_length} that exceeds "
-                              f"model.max_length={model.max_length}: shorten the prompt or lower gen_length")
-        if min(ids) < 0 or max(ids) >= vocab:
-            raise ConfigError(f"prompts[{i}] holds a token id outside the vocabulary [0, {vocab}): "
-                              "encode it with this model's tokenizer")
-        out.append(ids)
-    return out
-
-
-def resolve_seeds(n: int, generator: torch.Generator | None, seeds: Sequence[int] | None) -> list[int]:
-    """One seed per row: `seeds` as given, else drawn from `generator`, else 0..n-1."""
-    if seeds is not None:
-        if len(seeds) != n:
-            raise ConfigError(f"seeds has {len(seeds)} entries for {n} prompts: give one seed per prompt")
-        return [int(s) for s in seeds]
-    if generator is not None:
-        return torch.randint(0, 2**62, (n,), generator=generator, device=generator.device).tolist()
-    return list(range(n))
-
-
-def initial_window(config: DecodeConfig, mask_id: int, device: torch.device) -> torch.Tensor:
-    """(G,) the canvas a row starts from: all masks, with the anchor written at its offset."""
-    window = torch.full((config.gen_length,), mask_id, dtype=torch.long, device=device)
-    if config.anchor_ids:
-        a = config.anchor_start
-        window[a:a + len(config.anchor_ids)] = torch.tensor(config.anchor_ids, device=device)
-    return window
-
-
-def monitored_slice(config: DecodeConfig) -> slice:
-    """Window positions of region 'anchor': answer_window positions one slot after the anchor."""
-    lo = config.anchor_start + len(config.anchor_ids) + 1
-    return slice(lo, lo + config.answer_window)
-
-
-def stop_ids(model: DLM) -> tuple[int, ...]:
-    """EOS and, where the model has one, end-of-turn."""
-    return (model.eos_id,) if model.eot_id is None else (model.eos_id, model.eot_id)
-
-
-def make_result(model: DLM, tokens: torch.Tensor, steps_used: torch.Tensor, committed_early: torch.Tensor,
-                commit_step: torch.Tensor, commit_gap: torch.Tensor, nonfinite: torch.Tensor,
-                decode_seconds: torch.Tensor, forward_rows: int, forward_tokens: torch.Tensor) -> DecodeResult:
-    """Assemble the typed result (num_generated counted up to the first EOS/EoT)."""
-    return DecodeResult(tokens=tokens, steps_used=steps_used, committed_early=committed_early,
-                        commit_step=commit_step, commit_gap=commit_gap,
-                        num_generated=count_generated(tokens, stop_ids(model)), nonfinite=nonfinite,
-                        decode_seconds=decode_seconds, forward_rows=forward_rows, forward_tokens=forward_tokens)
-
-
-def span_lower(config: DecodeConfig, block: int) -> int:
-    """First window position a step at `block` scores: the block start, or the anchor's monitored
-    positions where they lie earlier (region 'anchor' watches them, decided or not)."""
-    lo = block * (config.gen_length // config.num_blocks)
-    if config.rule == "prophet" and config.region == "anchor":
-        lo = min(lo, monitored_slice(config).start)
-    return lo
-
-
-def step_span(config: DecodeConfig, block: int, sstep: int) -> tuple[int, int, bool]:
-    """(first window position, positions, refresh) that one step of a row scores (SPEC section 6).
-
-    No cache: the whole sequence runs; the positions from the block start on are scored. A refresh
-    (each block's first step, and every `cache_refresh_every` steps) runs the whole sequence too and
-    stores its keys/values. Between refreshes, prefix runs the block start to the window's end;
-    dual runs the block alone.
-    """
-    lo, G = span_lower(config, block), config.gen_length
-    k = config.cache_refresh_every
-    refresh = config.cache == "none" or sstep == 0 or (k is not None and sstep % k == 0)
-    if config.cache == "dual" and not refresh:
-        block_len = G // config.num_blocks
-        return block * block_len, block_len, False
-    return lo, G - lo, refresh
-
-
-# ---------------------------------------------------------------------------------------------
-# Fast path: plan, slots, one step
-
-
-@dataclass(frozen=True)
-class _Plan:
-    """What all rows of a call share: ids, window layout, blocks and their mask counts at entry."""
-
-    cfg: DecodeConfig
-    mask_id: int
-    pad_id: int
-    stops: tuple[int, ...]
-    S: int                     # steps per block
-    nb: int                    # blocks (1 for Dream)
-    init_window: torch.Tensor  # (G,) masks and anchor
-    block_of: torch.Tensor     # (G,) block index of each window position
-    block_n0: torch.Tensor     # (nb,) masked positions of each block at entry
-    next_block: torch.Tensor   # (nb + 2,) first block >= b that has masks; nb where none
-    first_cand: int            # candidates of a fresh row at its first step (host int, for noise shapes)
-    init_masked: int           # masked window positions of a fresh row
-    first_block: int           # block a fresh row starts in (host int)
-
-    @staticmethod
-    def build(cfg: DecodeConfig, model: DLM, device: torch.device) -> "_Plan":
-        """Plan for one decode call."""
-        nb = cfg.num_blocks
-        init = initial_window(cfg, model.mask_id, device)
-        block_of = torch.arange(cfg.gen_length, device=device) // (cfg.gen_length // nb)
-        n0 = torch.zeros(nb, dtype=torch.long, device=device).index_add_(0, block_of, (init == model.mask_id).long())
-        counts = n0.tolist()
-        has = [c > 0 for c in counts] + [True, True]  # sentinels at nb, nb + 1
-        nxt = [min(nb, next(j for j in range(b, nb + 2) if has[j])) for b in range(nb + 2)]
-        return _Plan(cfg, model.mask_id, model.pad_id, stop_ids(model), cfg.steps // nb, nb, init, block_of, n0,
-                     torch.tensor(nxt, device=device), first_cand=counts[nxt[0]], init_masked=sum(counts),
-                     first_block=nxt[0])
-
-    def fresh_state(self, n: int) -> dict[str, torch.Tensor]:
-        """Per-row device state of n newly admitted rows."""
-        dev, G = self.init_window.device, self.init_window.numel()
-        zeros = torch.zeros(n, dtype=torch.long, device=dev)
-        return {"canvas": self.init_window.expand(n, -1).clone(),
-                "block": self.next_block[zeros],   # first block with masks
-                "sstep": zeros.clone(),            # schedule steps consumed in the current block
-                "used": zeros.clone(),             # forward passes spent
-                "live": torch.ones(n, dtype=torch.bool, device=dev),
-                "early": torch.zeros(n, dtype=torch.bool, device=dev),
-                "cstep": zeros - 1,
-                "cgap": torch.full((n,), float("nan"), device=dev),
-                "bad": torch.zeros(n, dtype=torch.bool, device=dev),
-                "ftok": zeros.clone(),             # positions sent through the model
-                "seed": torch.zeros(n, 2, dtype=torch.long, device=dev),  # the row's seed words (prophet.noise)
-                # the latest top-2 gap and argmax of each window position (SPEC 6: under a dual
-                # cache, positions outside the block keep those of the last refresh)
-                "wgap": torch.full((n, G), float("nan"), device=dev),
-                "warg": self.init_window.expand(n, -1).clone()}
-
-
-@dataclass
-class _Slot:
-    """Host bookkeeping of one row in the pass."""
-
-    row: int                    # index in the input
-    seed: int                   # every random draw of the row derives from it (prophet.noise)
-    prompt: torch.Tensor        # (P_i,) on the model's device
-    n_cand: int                 # candidates at the next step (0 once finished)
-    n_masked: int               # masked window positions at the next step
-    t0: float                   # admission time
-    block: int                  # block of the next step
-    sstep: int = 0              # schedule steps consumed in that block
-    cache_slot: int = -1        # where the model keeps this row's keys/values (cache on)
-    done: bool = False          # finished (frozen in the pass when batching is static)
-
-
-class _Batch:
-    """The rows in the forward pass: slots on the host, left-padded prompts and state on the device."""
-
-    def __init__(self, plan: _Plan, device: torch.device) -> None:
-        self.plan, self.device = plan, device
-        self.slots: list[_Slot] = []
-        self.prompt_ids = torch.empty(0, 0, dtype=torch.long, device=device)  # (B, P)
-        self.prompt_real = torch.empty(0, 0, dtype=torch.bool, device=device)  # (B, P), False on pads
-        self.t = {k: v[:0] for k, v in plan.fresh_state(0).items()}
-        self.free = list(range(plan.cfg.batch_size)) if plan.cfg.cache != "none" else []  # cache slots
-
-    def keep(self, idx: list[int]) -> None:
-        """Keep the slots at idx, dropping prompt columns that became padding for every row."""
-        ix = torch.tensor(idx, dtype=torch.long, device=self.device)
-        kept = set(idx)
-        self.free += [s.cache_slot for i, s in enumerate(self.slots) if i not in kept and s.cache_slot >= 0]
-        self.slots = [self.slots[i] for i in idx]
-        self.t = {k: v.index_select(0, ix) for k, v in self.t.items()}
-        cut = self.prompt_ids.shape[1] - max((s.prompt.numel() for s in self.slots), default=0)
-        self.prompt_ids = self.prompt_ids.index_select(0, ix)[:, cut:]
-        self.prompt_real = self.prompt_real.index_select(0, ix)[:, cut:]
-
-    def add(self, slots: list[_Slot]) -> None:
-        """Append newly admitted rows, widening the left padding if a new prompt is longer."""
-        width = max([self.prompt_ids.shape[1]] + [s.prompt.numel() for s in slots])
-        grow = width - self.prompt_ids.shape[1]
-        ids = torch.full((len(self.slots) + len(slots), width), self.plan.pad_id, device=self.device)
-        real = torch.zeros(ids.shape, dtype=torch.bool, device=self.device)
-        ids[:len(self.slots), grow:] = self.prompt_ids
-        real[:len(self.slots), grow:] = self.prompt_real
-        for i, s in enumerate(slots, start=len(self.slots)):
-            ids[i, width - s.prompt.numel():] = s.prompt
-            real[i, width - s.prompt.numel():] = True
-        self.prompt_ids, self.prompt_real = ids, real
-        fresh = self.plan.fresh_state(len(slots))
-        fresh["seed"] = seed_words([s.seed for s in slots], self.device)
-        self.t = {k: torch.cat([v, fresh[k]]) for k, v in self.t.items()}
-        for s in slots:
-            s.cache_slot = self.free.pop(0) if self.free else -1
-        self.slots += slots
-
-
-# Working memory: the rules read the vocabulary a chunk of positions at a time, in float32, so the
-# step's peak stays near the model's own logits (BENCHMARKS.md, memory). Up to BYTES_PER_ENTRY
-# bytes of temporaries per (position, token) (a float32 copy, uniforms, a sort for top-p), within
-# half the logits' own size, and never fewer positions than MIN_CHUNK_ENTRIES allows.
-BYTES_PER_ENTRY, MIN_CHUNK_ENTRIES = 48, 1 << 20
-
-
-@dataclass
-class _Span:
-    """Which window positions a step scores, per row: logits column c is window position off + c;
-    the row's own scored positions are lo .. lo + width - 1.
-
-    `logits` are the model's, in its dtype: (B, W, V), or (2B, W, V) with CFG (conditional rows
-    first). `rows` gives float32 logits as the step uses them (CFG-mixed, EOS banned) for a few
-    positions at a time; nothing makes a float32 copy of the whole span.
-    """
-
-    logits: torch.Tensor  # (B or 2B, W, V)
-    off: torch.Tensor     # (B,)
-    lo: torch.Tensor      # (B,)
-    width: torch.Tensor   # (B,)
-    cfg_scale: float = 0.0
-    ban: int | None = None  # token whose logit is -inf (logits_eos_inf)
-
-    def rows(self, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """(n,) rows and columns -> (n, V) float32 logits as the step uses them."""
-        x = self.logits[b, c].float()
-        if self.cfg_scale > 0:
-            x = cfg_mix(x, self.logits[b + self.off.numel(), c].float(), self.cfg_scale)
-        if self.ban is not None:
-            x[:, self.ban] = float("-inf")
-        return x
-
-    def chunk(self) -> int:
-        """Positions per chunk of `rows`."""
-        V = self.logits.shape[-1]
-        budget = self.logits.numel() * self.logits.element_size() // 2
-        return max(1, MIN_CHUNK_ENTRIES // V, budget // (BYTES_PER_ENTRY * V))
-
-    def scored(self) -> torch.Tensor:
-        """(B, W) bool: column c holds one of the row's scored positions."""
-        pos = self.off[:, None] + torch.arange(self.logits.shape[1], device=self.off.device)
-        return (pos >= self.lo[:, None]) & (pos < (self.lo + self.width)[:, None])
-
-    def columns(self, positions: torch.Tensor) -> torch.Tensor:
-        """(B, K) window positions -> (B, K) logits columns (clamped, for padded slots)."""
-        return (positions - self.off[:, None]).clamp(0, self.logits.shape[1] - 1)
-
-
-def _span_logits(model: DLM, batch: _Batch, spans: list[tuple[int, int, bool]]) -> _Span:
-    """The step's forward pass(es) -> span logits, float32. Both CFG passes run stacked.
-
-    No cache: one pass over every row's whole sequence, the LM head on the last W positions. With a
-    cache: rows that refresh and rows that read the cache run as two passes (their widths differ),
-    each row in its own cache slot.
-    """
-    cfg, canvas = batch.plan.cfg, batch.t["canvas"]
-    B, G = canvas.shape
-    P = batch.prompt_ids.shape[1]
-    dev = canvas.device
-    attn = torch.cat([batch.prompt_real, torch.ones_like(canvas, dtype=torch.bool)], 1)  # (B, P + G)
-    ids = torch.cat([batch.prompt_ids, canvas], 1)
-    cfg_on = cfg.cfg_scale > 0
-    if cfg_on:  # unconditional pass: the row's real prompt positions masked, pads left as pads
-        uncond = torch.cat([torch.where(batch.prompt_real, batch.plan.mask_id, batch.prompt_ids), canvas], 1)
-        ids, attn = torch.cat([ids, uncond]), torch.cat([attn, attn])
-    W = max(w + lo for lo, w, _ in spans) - min(lo for lo, _, _ in spans) if cfg.cache == "none" else \
-        max(w for _, w, _ in spans)
-    lo = torch.tensor([sp[0] for sp in spans], device=dev)
-    width = torch.tensor([sp[1] for sp in spans], device=dev)
-    if cfg.cache == "none":
-        no_pad = all(sl.prompt.numel() == P for sl in batch.slots)  # known on the host: no sync
-        out = model.logits(ids, None if no_pad else attn, last=W)  # (B or 2B, W, V)
-        off = torch.full((B,), G - W, device=dev)
-    else:
-        out = None
-        for refresh in (True, False):
-            rows = [i for i, sp in enumerate(spans) if sp[2] == refresh]
-            if not rows:
-                continue
-            rows_all = rows + [i + B for i in rows] if cfg_on else rows
-            kv = [batch.slots[i].cache_slot for i in rows]
-            kv = kv + [k + cfg.batch_size for k in kv] if cfg_on else kv
-            ix = torch.tensor(rows_all, device=dev)
-            w = max(spans[i][1] for i in rows)
-            part = model.cached_logits(ids[ix], attn[ix], torch.tensor(kv, device=dev), P + lo.repeat(1 + cfg_on)[ix],
-                                       w, refresh)  # (rows, w, V)
-            if len(rows) == B and w == W:
-                out = part
-                break
-            if out is None:
-                out = part.new_zeros(ids.shape[0], W, part.shape[-1])
-            out[ix, :w] = part
-        off = lo
-    return _Span(out, off, lo, width, cfg.cfg_scale, model.eos_id if cfg.logits_eos_inf else None)
-
-
-def _summarise(t: dict[str, torch.Tensor], span: _Span) -> None:
-    """Store the top-2 gap and argmax of every scored position in the row's window view."""
-    B, W = t["wgap"].shape[0], span.logits.shape[1]
-    G = t["wgap"].shape[1]
-    flat = torch.arange(B * W, device=span.off.device)
-    gaps, args = torch.empty(B * W, device=flat.device), torch.empty(B * W, dtype=torch.long, device=flat.device)
-    for c0 in range(0, B * W, span.chunk()):
-        f = flat[c0:c0 + span.chunk()]
-        x = span.rows(f // W, f % W)
-        top = x.topk(2, dim=-1).values
-        gaps[f], args[f] = top[:, 0] - top[:, 1], x.argmax(-1)
-    pos = span.off[:, None] + torch.arange(W, device=flat.device)
-    pos = torch.where(span.scored(), pos, G)  # unscored columns land in a scratch column
-    gap = torch.cat([t["wgap"], t["wgap"][:, :1]], 1).scatter_(1, pos, gaps.view(B, W))
-    arg = torch.cat([t["warg"], t["warg"][:, :1]], 1).scatter_(1, pos, args.view(B, W))
-    t["wgap"], t["warg"] = gap[:, :G], arg[:, :G]
-
-
-def _prophet_gaps(batch: _Batch, idx: torch.Tensor, valid: torch.Tensor,
-                  masked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gaps (B, K) and region mask (B, K) of the monitored region, from the window view."""
-    plan, wgap = batch.plan, batch.t["wgap"]
-    region = plan.cfg.region
-    if region == "anchor":
-        gaps = wgap[:, monitored_slice(plan.cfg)]
-        return gaps, torch.ones_like(gaps, dtype=torch.bool)
-    if region == "block":  # the block's masked positions are this step's candidates
-        return wgap.gather(1, idx), valid
-    midx, mvalid = compact(masked, max(1, max(s.n_masked for s in batch.slots)))
-    return wgap.gather(1, midx), mvalid
-
-
-def _proposals(span: _Span, t: dict[str, torch.Tensor], idx: torch.Tensor, cfg: DecodeConfig,
-               stops: tuple[int, ...]) -> Proposal:
-    """The host's proposal at every candidate (B, C), a chunk of positions at a time; token draws
-    from the row's seed, its forward pass and the window position (prophet.noise)."""
-    B, C = idx.shape
-    col = span.columns(idx)
-    b = torch.arange(B, device=idx.device)[:, None].expand(B, C).reshape(-1)
-    col = col.reshape(-1)
-    keys = counter_key(t["seed"], t["used"], idx, TOKEN_STREAM).reshape(-1) if cfg.temperature > 0 else None
-    parts = []
-    for c0 in range(0, B * C, span.chunk()):
-        sl = slice(c0, c0 + span.chunk())
-        x = span.rows(b[sl], col[sl])
-        parts.append(propose(x, cfg, None if keys is None else token_uniforms(keys[sl], x.shape[-1]), stops))
-    return Proposal(*(None if f[0] is None else torch.cat(f).view(B, C) for f in zip(*parts)))
-
-
-def _propose(plan: _Plan, t: dict[str, torch.Tensor], prop: Proposal, valid: torch.Tensor,
-             position_u: torch.Tensor | None, tau: torch.Tensor) -> torch.Tensor:
-    """The host's schedule and the commit rule on the candidates' proposals -> selection (B, C)."""
-    cfg = plan.cfg
-    n = valid.sum(-1)  # (B,) candidates left
-    sstep = t["sstep"].clamp(max=plan.S - 1)  # finished (frozen) rows may sit past the budget
-    x0, prob = prop.x0, prop.prob
-    reveal = None
-    if cfg.host == "llada":
-        key = prob if cfg.remasking == "low_confidence" else position_u
-        n0 = plan.block_n0[t["block"].clamp(max=plan.nb - 1)]
-        k = llada_schedule(n0, plan.S).gather(1, sstep[:, None])[:, 0]
-    elif cfg.alg == "origin":
-        key, k = -position_u, torch.zeros_like(n)
-        reveal = position_u < dream_transfer_fraction(sstep, plan.S, cfg.eps)[:, None]
-    else:
-        key = prop.score if cfg.alg_temp <= 0 else gumbel_perturb(prop.score, position_u, cfg.alg_temp)
-        k = dream_schedule(n, sstep, plan.S, cfg.eps)
-    demoted = torch.zeros_like(valid)
-    if cfg.confidence_eos_eot_inf:
-        demoted = torch.isin(x0, torch.tensor(plan.stops, device=x0.device))
-    floor = budget_floor(n, plan.S - sstep)
-    if cfg.rule == "gap_parallel":
-        k = torch.maximum(k, floor)
-        passing = (prop.gap.double() >= tau[:, None]) & ~demoted
-        reveal = passing if reveal is None else reveal | passing
-    elif cfg.rule == "confidence_threshold":
-        k = floor.clamp(min=1)
-        reveal = (prob.double() > cfg.confidence) & ~demoted  # float64: the threshold as written
-    tier = torch.where(valid, 2 - demoted.long(), 0)
-    return select_positions(rank_desc(key, tier), valid, k, reveal)
-
-
-def _step(model: DLM, batch: _Batch) -> list[list[int]]:
-    """One forward pass and one update of every live row; returns per row
-    [finished, n_cand, n_masked, block, sstep] for the next step.
-
-    The returned list is the step's single host synchronisation.
-    """
-    plan, t = batch.plan, batch.t
-    cfg = plan.cfg
-    spans = [step_span(cfg, min(s.block, plan.nb - 1), s.sstep) for s in batch.slots]
-    span = _span_logits(model, batch, spans)
-    raw = span.logits  # (B or 2B, W, V), the model's dtype
-    B = t["live"].shape[0]
-    finite = torch.isfinite(raw.amax(-1)) & torch.isfinite(raw.amin(-1))  # (B or 2B, W), no (B, W, V) temporary
-    finite = finite.view(-1, B, finite.shape[1]).all(0)
-    bad = t["live"] & ~(finite | ~span.scored()).all(1)
-    raw.masked_fill_(bad.repeat(raw.shape[0] // B)[:, None, None], 0.0)
-    t["used"] += t["live"].long()
-    t["ftok"] += t["live"].long() * _forward_tokens(model, batch, spans)
-    live = t["live"] & ~bad
-    masked = t["canvas"] == plan.mask_id  # (B, G)
-    in_block = plan.block_of[None, :] == t["block"][:, None]
-    idx, valid = compact(masked & in_block & live[:, None], max(1, max(s.n_cand for s in batch.slots)))
-    tau = prophet_tau(t["block"] * plan.S + t["sstep"], cfg.steps, cfg.thresholds, cfg.progress)
-    commit = torch.zeros_like(live)
-    if cfg.rule == "prophet":
-        _summarise(t, span)
-        gaps, region = _prophet_gaps(batch, idx, valid, masked & live[:, None])
-        pooled = pool_gaps(gaps, region, cfg.statistic, cfg.quantile)
-        commit = live & prophet_decision(pooled, tau)
-        t["canvas"] = torch.where(commit[:, None] & masked, t["warg"], t["canvas"])
-        t["early"] |= commit
-        t["cstep"] = torch.where(commit, t["used"], t["cstep"])
-        t["cgap"] = torch.where(commit, pooled, t["cgap"])
-        valid = valid & ~commit[:, None]
-    prop = _proposals(span, t, idx, cfg, plan.stops)
-    position_u = (position_uniforms(counter_key(t["seed"], t["used"], idx, POSITION_STREAM))
-                  if random_positions(cfg) else None)
-    sel = _propose(plan, t, prop, valid, position_u, tau)
-    t["canvas"].scatter_(1, idx, torch.where(sel, prop.x0, t["canvas"].gather(1, idx)))
-    return _advance(batch, live, bad, commit)
-
-
-def _forward_tokens(model: DLM, batch: _Batch, spans: list[tuple[int, int, bool]]) -> torch.Tensor:
-    """(B,) positions each row sends through the model this step: its whole sequence on a refresh (or
-    without cache), else its scored positions plus the model's lead; both CFG passes counted."""
-    G, lead = batch.plan.cfg.gen_length, getattr(model, "query_lead", 0)
-    passes = 2 if batch.plan.cfg.cfg_scale > 0 else 1
-    n = [passes * (s.prompt.numel() + G if refresh else width + lead)
-         for s, (_, width, refresh) in zip(batch.slots, spans)]
-    return torch.tensor(n, device=batch.device)
-
-
-def _advance(batch: _Batch, live: torch.Tensor, bad: torch.Tensor, commit: torch.Tensor) -> list[list[int]]:
-    """Move live rows along their schedule (next block when the block is empty or spent); flag finished rows."""
-    plan, t = batch.plan, batch.t
-    t["bad"] |= bad
-    t["sstep"] += live.long()
-    masked = t["canvas"] == plan.mask_id
-    block_left = (masked & (plan.block_of[None, :] == t["block"][:, None])).sum(1)
-    move = live & ((block_left == 0) | (t["sstep"] >= plan.S))
-    t["block"] = torch.where(move, plan.next_block[t["block"] + 1], t["block"])
-    t["sstep"] = torch.where(move, 0, t["sstep"])
-    n_masked = masked.sum(1)
-    finished = t["live"] & (bad | commit | (n_masked == 0) | (t["block"] >= plan.nb))
-    t["live"] &= ~finished
-    n_cand = (masked & (plan.block_of[None, :] == t["block"][:, None]) & t["live"][:, None]).sum(1)
-    return torch.stack([finished.long(), n_cand, n_masked, t["block"], t["sstep"]], 1).tolist()
-
-
-# ---------------------------------------------------------------------------------------------
-# The loop
+RESULT_FIELDS = ("used", "early", "cstep", "cgap", "bad", "ftok")  # per-row state a batch keeps in `t`
 
 
 class _Outputs:
     """Per-row results, filled as rows finish."""
 
-    def __init__(self, n: int, plan: _Plan, device: torch.device) -> None:
-        G = plan.init_window.numel()
-        self.tokens = torch.zeros(n, G, dtype=torch.long, device=device)
-        fresh = plan.fresh_state(0)
-        self.state = {k: fresh[k].new_zeros((n,)) for k in ("used", "early", "cstep", "cgap", "bad", "ftok")}
+    def __init__(self, n: int, gen_length: int, device: torch.device) -> None:
+        self.tokens = torch.zeros(n, gen_length, dtype=torch.long, device=device)
+        self.state: dict[str, torch.Tensor] = {}
         self.seconds = torch.zeros(n, dtype=torch.float64)
 
-    def record(self, batch: _Batch, idx: list[int], now: float) -> None:
+    def record(self, batch, idx: list[int], now: float) -> None:
         """Copy the finished batch rows idx into their input positions."""
         ix = torch.tensor(idx, dtype=torch.long, device=batch.device)
         rows = torch.tensor([batch.slots[i].row for i in idx], dtype=torch.long, device=batch.device)
-        self.tokens.index_copy_(0, rows, batch.t["canvas"].index_select(0, ix))
-        for k, v in self.state.items():
-            v.index_copy_(0, rows, batch.t[k].index_select(0, ix))
+        G = self.tokens.shape[1]
+        self.tokens.index_copy_(0, rows, batch.t["canvas"].index_select(0, ix)[:, :G])
+        for k in RESULT_FIELDS:
+            v = batch.t[k].index_select(0, ix)
+            if k not in self.state:
+                self.state[k] = v.new_zeros((self.tokens.shape[0],))
+            self.state[k].index_copy_(0, rows, v)
         for i in idx:
             self.seconds[batch.slots[i].row] = now - batch.slots[i].t0
+
+    def field(self, k: str, dtype: torch.dtype) -> torch.Tensor:
+        """One per-row field (zeros of `dtype` when no row was decoded)."""
+        return self.state.get(k, torch.zeros(self.tokens.shape[0], dtype=dtype, device=self.tokens.device))
 
 
 @torch.no_grad()
 def decode(model: DLM, prompts: Sequence[Sequence[int]], config: DecodeConfig,
            generator: torch.Generator | None = None, seeds: Sequence[int] | None = None) -> DecodeResult:
     """Decode every prompt with continuous batching; rows come back in input order."""
+    host = host_for(config)
+    config = host.prepare(model, config)
     prompts = validate_request(model, prompts, config)
     seeds = resolve_seeds(len(prompts), generator, seeds)
     device = torch.device(model.device)
-    plan = _Plan.build(config, model, device)
-    out = _Outputs(len(prompts), plan, device)
-    batch = _Batch(plan, device)
+    out = _Outputs(len(prompts), config.gen_length, device)
+    batch = host.batch(model, config, device)
     waiting = deque(range(len(prompts)))
-    passes = 2 if config.cfg_scale > 0 else 1
     forward_rows = 0
-    with kv_cache(model, config, passes * config.batch_size, prompts):
+    with kv_cache(model, config, host.cache_rows(config, prompts) if prompts else None):
         while waiting or batch.slots:
             if config.continuous or not batch.slots:
-                _admit(batch, waiting, prompts, seeds)
-            forward_rows += passes * len(batch.slots)
-            info = _step(model, batch)
-            _retire(batch, info, out, config.continuous)
-    s = out.state
-    return make_result(model, out.tokens, s["used"], s["early"], s["cstep"], s["cgap"].float(), s["bad"],
-                       out.seconds, forward_rows, s["ftok"])
+                _admit(batch, config, waiting, prompts, seeds)
+            forward_rows += batch.passes * len(batch.slots)
+            finished = _step(model, batch)
+            _retire(batch, finished, out, config.continuous)
+    f = out.field
+    return make_result(model, out.tokens, f("used", torch.long), f("early", torch.bool), f("cstep", torch.long),
+                       f("cgap", torch.float32).float(), f("bad", torch.bool), out.seconds, forward_rows,
+                       f("ftok", torch.long))
+
+
+def _step(model: DLM, batch) -> list[bool]:
+    """One step of the batch (the host's); per row, whether it finished. One host read."""
+    return batch.step(model)
 
 
 @contextmanager
-def kv_cache(model: DLM, config: DecodeConfig, slots: int, prompts: list[list[int]]) -> Iterator[None]:
-    """The model's keys/values for `slots` rows as long as the longest prompt plus the window, freed
-    on exit; nothing without a cache. Memory is bounded by the slots, not by the number of prompts."""
-    if config.cache == "none" or not prompts:
+def kv_cache(model: DLM, config: DecodeConfig, rows: tuple[int, int] | None) -> Iterator[None]:
+    """The model's keys/values for `rows` = (slots, positions), freed on exit; nothing for None.
+    Memory is bounded by the slots, not by the number of prompts."""
+    if rows is None:
         yield
         return
     if not isinstance(model, CachedDLM):
-        raise ConfigError(f"cache={config.cache!r}: this model ({getattr(model, 'family', type(model).__name__)}) "
-                          "keeps no keys/values between steps; use cache='none'")
-    model.setup_cache(slots, max(len(p) for p in prompts) + config.gen_length)
+        raise ConfigError(f"cache={config.cache!r} (host {config.host!r}): this model "
+                          f"({getattr(model, 'family', type(model).__name__)}) keeps no keys/values between steps; "
+                          "use cache='none' with a bidirectional host")
+    model.setup_cache(*rows)
     try:
         yield
     finally:
         model.drop_cache()
 
 
-def _admit(batch: _Batch, waiting: deque, prompts: list[list[int]], seeds: list[int]) -> None:
+def _admit(batch, config: DecodeConfig, waiting: deque, prompts: list[list[int]], seeds: list[int]) -> None:
     """Fill free slots with waiting prompts."""
-    n_free = min(batch.plan.cfg.batch_size - len(batch.slots), len(waiting))
-    if n_free <= 0:
-        return
-    plan, now = batch.plan, time.perf_counter()
-    new = []
-    for _ in range(n_free):
-        r = waiting.popleft()
-        new.append(_Slot(r, seeds[r],
-                         torch.tensor(prompts[r], dtype=torch.long, device=batch.device),
-                         plan.first_cand, plan.init_masked, now, plan.first_block))
-    batch.add(new)
+    n_free = min(config.batch_size - len(batch.slots), len(waiting))
+    if n_free > 0:
+        rows = [waiting.popleft() for _ in range(n_free)]
+        batch.admit([(r, seeds[r], prompts[r]) for r in rows], time.perf_counter())
 
 
-def _retire(batch: _Batch, info: list[list[int]], out: _Outputs, continuous: bool) -> None:
+def _retire(batch, finished: list[bool], out: _Outputs, continuous: bool) -> None:
     """Record finished rows; drop them (continuous) or leave them frozen until the batch is done."""
     now = time.perf_counter()
-    done = [i for i, row in enumerate(info) if row[0]]
+    done = [i for i, fin in enumerate(finished) if fin]
     if done:
         out.record(batch, done, now)
-    for s, (fin, n_cand, n_masked, block, sstep) in zip(batch.slots, info):
-        s.n_cand, s.n_masked, s.block, s.sstep, s.done = n_cand, n_masked, block, sstep, s.done or bool(fin)
+    for s, fin in zip(batch.slots, finished):
+        s.done = s.done or fin
     if continuous:
         if done:
             batch.keep([i for i, s in enumerate(batch.slots) if not s.done])

@@ -89,10 +89,11 @@ def _numbers(name: str, value: Any, kind: type) -> tuple:
 
 
 def build_config(args: dict[str, Any], default_host: str, calibration: str | Path | None = None,
-                 max_gen_toks: int | None = None) -> DecodeConfig:
+                 max_gen_toks: int | None = None, block_length: int | None = None) -> DecodeConfig:
     """The DecodeConfig of `args` (DecodeConfig fields only). gen_length defaults to the request's
-    max_gen_toks, steps to gen_length, host to the model's own; a calibration file sets rule,
-    thresholds, region and statistic, and fields given explicitly win over it."""
+    max_gen_toks (for host 'block' rounded up to whole blocks of the model's `block_length`; the
+    text is cut at max_gen_toks), steps to gen_length, host to the model's own; a calibration file
+    sets rule, thresholds, region and statistic, and fields given explicitly win over it."""
     known = {f.name for f in fields(DecodeConfig)}
     unknown = set(args) - known
     if unknown:
@@ -100,6 +101,8 @@ def build_config(args: dict[str, Any], default_host: str, calibration: str | Pat
                           f"{sorted(known | OWN_ARGS)}")
     given = {k: coerce_field(k, v) for k, v in args.items()}
     gen = given.get("gen_length", max_gen_toks or DecodeConfig.gen_length)
+    if given.get("host", default_host) == "block" and block_length and "gen_length" not in given:
+        gen = -(-gen // block_length) * block_length
     base = {"host": default_host, "gen_length": gen, "steps": gen}
     cfg = DecodeConfig(**(base | given))
     if calibration is not None:  # checked against the settings it was fitted with; explicit fields win
@@ -167,7 +170,7 @@ class ProphetLM(LM):
             raise ConfigError(f"model_args mc_num={mc_num}, mc_batch={mc_batch}: both must be >= 1")
         self.mc_num, self.mc_batch, self.check_greedy = int(mc_num), int(mc_batch), bool(check_greedy)
         self.decode_args = decode_args
-        build_config(decode_args, model.default_host, calibration)  # refuse bad model_args at once
+        build_config(decode_args, model.default_host, calibration, None, self.block_length)  # refuse bad args now
         self.stats: dict[str, list[RowStats]] = defaultdict(list)  # task name -> rows decoded
 
     @classmethod
@@ -208,7 +211,13 @@ class ProphetLM(LM):
 
     def config_for(self, max_gen_toks: int | None) -> DecodeConfig:
         """The decoding config of a request whose task allows max_gen_toks new tokens."""
-        return build_config(self.decode_args, self.model.default_host, self.calibration, max_gen_toks)
+        return build_config(self.decode_args, self.model.default_host, self.calibration, max_gen_toks,
+                            self.block_length)
+
+    @property
+    def block_length(self) -> int | None:
+        """The model's attention block (block-diffusion families), None for bidirectional ones."""
+        return getattr(self.model, "block_length", None)
 
     def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
         """Decode every request, grouped by decoding config, each group in one continuously batched
@@ -298,9 +307,13 @@ class ProphetLM(LM):
         return prefix[max(0, len(prefix) - room):], target
 
     def _greedy(self, prefix: list[int], target: list[int]) -> bool:
-        cfg = DecodeConfig(host="llada", gen_length=len(target), steps=len(target), batch_size=1)
+        """Whether greedy decoding of the target's length gives the target. A block model decodes whole
+        blocks (its host's window is rounded up; block-causal, so later blocks change nothing before)."""
+        n, bl = len(target), self.block_length
+        gen = -(-n // bl) * bl if bl else n
+        cfg = DecodeConfig(host="block" if bl else "llada", gen_length=gen, steps=gen, batch_size=1)
         res = decode(self.model, [prefix], cfg, seeds=[self.seed])
-        return res.tokens[0].tolist() == target
+        return res.tokens[0, :n].tolist() == target
 
     def loglikelihood_rolling(self, requests: list[Instance], disable_tqdm: bool = False) -> list[float]:
         raise NotImplementedError(

@@ -7,6 +7,7 @@ is row-wise, so a row's result never depends on the other rows of a batch.
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -98,6 +99,35 @@ def budget_floor(remaining: torch.Tensor, steps_left: torch.Tensor) -> torch.Ten
     return (remaining + steps_left - 1) // steps_left.clamp(min=1)
 
 
+def update_rule(cfg: DecodeConfig) -> str:
+    """The rule of a step's normal update: the commit rule itself, or under Prophet its `parallel`
+    companion ('none' = the host's schedule alone)."""
+    return cfg.parallel if cfg.rule == "prophet" else cfg.rule
+
+
+def parallel_commit(rule: str, cfg: DecodeConfig, k: torch.Tensor, floor: torch.Tensor, prop: "Proposal",
+                    tau: torch.Tensor, demoted: torch.Tensor,
+                    reveal: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A parallel rule on top of a host's schedule: (B,) k and (B, C) reveal -> the rule's (k, reveal).
+
+    gap_parallel: also every position whose own gap reaches tau, at least max(k, floor).
+    confidence_threshold: every position whose probability exceeds `confidence` (compared as
+    log-probabilities in float64, the threshold as written), at least max(floor, 1), instead of
+    the schedule (Fast-dLLM). Demoted positions (EOS/EoT under confidence_eos_eot_inf) never pass.
+    """
+    if rule == "gap_parallel":
+        passing = (prop.gap.double() >= tau[:, None]) & ~demoted
+        return torch.maximum(k, floor), passing if reveal is None else reveal | passing
+    if rule == "confidence_threshold":
+        return floor.clamp(min=1), above_confidence(prop.logp, cfg.confidence) & ~demoted
+    return k, reveal
+
+
+def above_confidence(logp: torch.Tensor, confidence: float) -> torch.Tensor:
+    """(...,) float32 log-probabilities -> bool where the probability exceeds `confidence`."""
+    return logp.double() > math.log(confidence)
+
+
 # ---------------------------------------------------------------------------------------------
 # Sampling and confidences
 
@@ -134,8 +164,8 @@ def top_k_filter(logits: torch.Tensor, top_k: int) -> torch.Tensor:
     return logits.masked_fill(logits < kth, torch.finfo(logits.dtype).min)
 
 
-def dream_probs(logits: torch.Tensor, temperature: float, top_p: float | None, top_k: int | None) -> torch.Tensor:
-    """Dream's sampling distribution: logits / T (if T > 0), then top_p, then top_k, then softmax."""
+def dream_logits(logits: torch.Tensor, temperature: float, top_p: float | None, top_k: int | None) -> torch.Tensor:
+    """Dream's sampling logits, float32: logits / T (if T > 0), then top_p, then top_k."""
     x = logits.float()
     if temperature > 0:
         x = x / temperature
@@ -143,7 +173,12 @@ def dream_probs(logits: torch.Tensor, temperature: float, top_p: float | None, t
         x = top_p_filter(x, top_p)
     if top_k is not None:
         x = top_k_filter(x, top_k)
-    return torch.softmax(x, dim=-1)
+    return x
+
+
+def dream_probs(logits: torch.Tensor, temperature: float, top_p: float | None, top_k: int | None) -> torch.Tensor:
+    """Dream's sampling distribution: softmax of `dream_logits`."""
+    return torch.softmax(dream_logits(logits, temperature, top_p, top_k), dim=-1)
 
 
 def sample_from_probs(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -176,23 +211,36 @@ def gumbel_perturb(key: torch.Tensor, u: torch.Tensor, alg_temp: float) -> torch
 
 
 class Proposal(NamedTuple):
-    """Per position: proposed token x0, its host probability, the host's ranking score (None where
-    the host ranks by uniforms) and the top-2 gap of the logits, all (n,)."""
+    """Per position: proposed token x0, its log-probability under the host's distribution (float32),
+    the host's ranking score (None where the host ranks by uniforms) and the top-2 gap of the
+    logits, all (n,)."""
 
     x0: torch.Tensor
-    prob: torch.Tensor
+    logp: torch.Tensor
     score: torch.Tensor | None
     gap: torch.Tensor
+
+
+def log_prob_of(logits: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[x0] (...,) in float32, as logit minus logsumexp: probabilities near 1 that
+    round to the same float32 stay distinct here (SPEC section 7), with no float64 copy of V."""
+    # logsumexp = m + log1p(s), s the sum of exp(x - m) over every entry but the top one: a float32
+    # logsumexp (m + log(1 + s)) rounds 1 + s to 1 once s < 6e-8, a probability of 1 - 1e-9 to 1
+    x = logits.float()
+    m, top = x.max(-1, keepdim=True)
+    e = torch.exp(x - m).scatter_(-1, top, 0.0)  # (..., V)
+    return (x.gather(-1, x0[..., None]) - m)[..., 0] - torch.log1p(e.sum(-1))
 
 
 def propose(x: torch.Tensor, cfg: DecodeConfig, u: torch.Tensor | None, stops: tuple[int, ...] = ()) -> Proposal:
     """(n, V) float32 logits as the step uses them, (n, V) token uniforms (temperature > 0) -> Proposal.
 
-    LLaDA: argmax or Gumbel-max x0, its softmax probability; with `confidence_eos_eot_inf` the
-    softmax is taken with the `stops` (EOS/EoT) logits at -inf after x0 is chosen, as LLaDA's
-    reference does: a position proposing a stop gets confidence 0 and the others' probabilities
-    are renormalised. Dream: its tempered, filtered distribution, argmax or a draw, and the alg's
-    confidence.
+    LLaDA: argmax or Gumbel-max x0, ranked by its log-probability; with `confidence_eos_eot_inf` it
+    is taken with the `stops` (EOS/EoT) logits at -inf after x0 is chosen, as LLaDA's reference
+    does: a position proposing a stop gets -inf (probability 0) and the others are renormalised.
+    Dream and the block host (LLaDA2): the tempered, filtered distribution, argmax or a draw; Dream
+    ranks by its alg's confidence (maskgit_plus by log-probability unless alg_temp samples
+    positions from it), the block host by log-probability.
     """
     gap = top2_gap(x)
     if cfg.host == "llada":
@@ -200,16 +248,25 @@ def propose(x: torch.Tensor, cfg: DecodeConfig, u: torch.Tensor | None, stops: t
         if cfg.confidence_eos_eot_inf and stops:
             x = x.clone()
             x[:, list(stops)] = float("-inf")
-        prob = softmax_of(x, x0)
-        return Proposal(x0, prob, prob, gap)
-    probs = dream_probs(x, cfg.temperature, cfg.top_p, cfg.top_k)
-    x0 = probs.argmax(-1) if cfg.temperature == 0 else sample_from_probs(probs, u)
-    prob = probs.gather(-1, x0[..., None])[..., 0]
-    return Proposal(x0, prob, None if cfg.alg == "origin" else dream_confidence(probs, x0, cfg.alg), gap)
+        logp = log_prob_of(x, x0)
+        return Proposal(x0, logp, logp, gap)
+    z = dream_logits(x, cfg.temperature, cfg.top_p, cfg.top_k)
+    if cfg.temperature == 0:
+        x0 = z.argmax(-1)
+    else:
+        x0 = sample_from_probs(torch.softmax(z, dim=-1), u)
+    logp = log_prob_of(z, x0)
+    if cfg.host == "block" or cfg.alg == "maskgit_plus":
+        score = logp if cfg.alg_temp <= 0 or cfg.host == "block" else logp.exp()  # alg_temp samples from p itself
+    else:
+        score = None if cfg.alg == "origin" else dream_confidence(torch.softmax(z, dim=-1), x0, cfg.alg)
+    return Proposal(x0, logp, score, gap)
 
 
 def random_positions(cfg: DecodeConfig) -> bool:
     """Whether the host ranks (or reveals) positions by uniforms rather than by confidence."""
+    if cfg.host == "block":
+        return False
     return cfg.remasking == "random" if cfg.host == "llada" else (cfg.alg == "origin" or cfg.alg_temp > 0)
 
 

@@ -84,8 +84,13 @@ class ScriptedDLM:
         """Forget the stored tokens."""
         self._stored = None
 
+    def move_cache(self, src: list[int], dst: list[int]) -> None:
+        """Copy the stored tokens of slots src into slots dst."""
+        if src:
+            self._stored[torch.tensor(dst)] = self._stored[torch.tensor(src)]
+
     def cached_logits(self, ids: torch.Tensor, attention_mask: torch.Tensor, slots: torch.Tensor,
-                      first: torch.Tensor, width: int, refresh: bool) -> torch.Tensor:
+                      first: torch.Tensor, width: int, refresh: bool, first_slot: int | None = None) -> torch.Tensor:
         """(B, width, V) logits of columns first .. first + width - 1, computed from the slots as stored
         after writing the positions this pass runs (all real ones on refresh, else the scored ones)."""
         if self._stored is None:

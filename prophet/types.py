@@ -60,9 +60,43 @@ class CachedDLM(DLM, Protocol):
         ...
 
     def cached_logits(self, ids: torch.Tensor, attention_mask: torch.Tensor, slots: torch.Tensor,
-                      first: torch.Tensor, width: int, refresh: bool) -> torch.Tensor:
+                      first: torch.Tensor, width: int, refresh: bool, first_slot: int | None = None) -> torch.Tensor:
         """ids, attention_mask (B, L) left-padded as for `logits`; slots, first (B,) -> aligned logits
-        (B, width, V) of columns first[b] .. first[b] + width - 1 (past a row's end: garbage)."""
+        (B, width, V) of columns first[b] .. first[b] + width - 1 (past a row's end: garbage).
+        first_slot: a promise that slots == first_slot + arange(B) (the cache is then read in place)."""
+        ...
+
+    def move_cache(self, src: list[int], dst: list[int]) -> None:
+        """Copy the keys/values of slots src into slots dst (disjoint lists of equal length)."""
+        ...
+
+
+@runtime_checkable
+class BlockDLM(DLM, Protocol):
+    """A block-diffusion model (SPEC section 8): block-causal attention, so its KV cache is exact.
+
+    Positions are each row's own (0 = first prompt token); blocks of `block_length` are counted
+    from there. A query at position q sees a key at k iff k // block_length <= q // block_length.
+    """
+
+    block_length: int
+
+    def setup_cache(self, slots: int, length: int) -> None:
+        """Allocate keys/values for `slots` rows of up to `length` positions."""
+        ...
+
+    def drop_cache(self) -> None:
+        """Free the keys/values."""
+        ...
+
+    def move_cache(self, src: list[int], dst: list[int]) -> None:
+        """Copy the keys/values of slots src into slots dst."""
+        ...
+
+    def block_logits(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, lengths: torch.Tensor,
+                     first_slot: int | None = None, scored: bool = True) -> torch.Tensor:
+        """ids (B, Q) at positions (B, Q) (-1 = padding), written into slots (B,), attending to the
+        slot's keys below lengths (B,) -> logits (B, Q, V) ((B, 0, V) when not scored)."""
         ...
 
 

@@ -57,3 +57,4 @@ def task_rows() -> list[dict]:
     task = get_task("sudoku4")
     return [{"prompt": ex.prompt, "answer": ex.answer, "task": task.name}
             for ex in task.examples("test", 40, seed=1)]
+

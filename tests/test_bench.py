@@ -152,3 +152,15 @@ def test_bench_memory_section_measures_every_host_temperature_and_rule():
     assert out["logits_mb"] == 2 * 32 * 1024 * 2 / 2**20
     assert all(c["peak_mb"] > 0 for c in out["cases"])
     assert out["peak_over_logits"] == max(c["peak_over_logits"] for c in out["cases"])
+
+
+def test_bench_block_section_counts_prefill_blocks_and_stores_against_recomputing():
+    bench = load_job("bench")
+    out = bench.main(["--section", "block", "--repeats", "1", "--block-prompt", "8", "--block-window", "16",
+                      "--block-block", "4", "--block-slots", "2", "--block-vocab", "64"])["block"]
+    assert {(c["rule"], c["way"]) for c in out["cases"]} == {
+        (r, w) for r in ("full", "confidence_threshold", "prophet", "prophet+lookahead1") for w in ("cache", "ref")}
+    # prompt 8 = 2 whole blocks of 4, window 16 = 4 blocks of 4 steps: the cache runs a prefill (8),
+    # 16 passes of one block and 3 store passes (4 each); the reference recomputes 12, 16, 20, 24 positions
+    assert out["cache_token_ratio"] == (8 + 16 * 4 + 3 * 4) / (4 * (12 + 16 + 20 + 24))
+    assert out["lookahead_token_ratio"] > 1 and out["cache_wall_ratio"] > 0

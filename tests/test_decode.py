@@ -15,13 +15,7 @@ from prophet.scripted import ScriptedDLM
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: intra-op threads only wait on each other (a 32-wide softmax took 10 ms on 2 busy cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from tiny_support import one_thread  # noqa: E402,F401 (an autouse fixture: one intra-op thread)
 
 
 FIELDS = ("tokens", "steps_used", "committed_early", "commit_step", "nonfinite", "num_generated")

@@ -14,13 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FIELDS = ("tokens", "steps_used", "committed_early", "commit_step", "nonfinite", "num_generated")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small matrices: intra-op threads only wait on each other on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from tiny_support import one_thread  # noqa: E402,F401 (an autouse fixture: one intra-op thread)
 
 
 def load(name):

@@ -146,7 +146,7 @@ def test_config_max_length_is_not_the_context_and_absent_fields_take_reference_d
 
 
 @pytest.mark.parametrize("model_type, arch, named", [("llada", "LLaDAMoEModelLM", "LLaDAMoEModelLM"),
-                                                     ("llada2_moe", "LLaDA2MoeModelLM", "llada2_moe")])
+                                                     ("llada_moe", "LLaDAMoEModelLM", "LLaDAMoEModelLM")])
 def test_llada_moe_architectures_are_refused_by_name(tmp_path, model_type, arch, named):
     _, path = _llada(tmp_path)
     config = json.loads((path / "config.json").read_text())

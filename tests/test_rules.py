@@ -170,7 +170,20 @@ def test_eos_eot_confidence_is_llada_references_renormalised_softmax():
     ref = x.clone()
     x0 = ref.argmax(-1)
     ref[:, [eos, eot]] = float("-inf")
-    want = torch.softmax(ref, -1).gather(-1, x0[:, None])[:, 0]
-    assert got.x0.tolist() == [0, 2, 3] and torch.equal(got.prob, want) and got.prob[0] == 0
-    plain = propose(x, DecodeConfig(gen_length=8, steps=8), None, (eos, eot)).prob
-    assert plain[1] < plain[2] and got.prob[1] > got.prob[2]  # renormalising reorders rows 1 and 2
+    want = torch.log_softmax(ref, -1).gather(-1, x0[:, None])[:, 0]
+    assert got.x0.tolist() == [0, 2, 3] and torch.allclose(got.logp, want) and got.logp[0] == float("-inf")
+    plain = propose(x, DecodeConfig(gen_length=8, steps=8), None, (eos, eot)).logp
+    assert plain[1] < plain[2] and got.logp[1] > got.logp[2]  # renormalising reorders rows 1 and 2
+
+
+def test_log_probabilities_rank_confident_positions_that_float32_probabilities_tie():
+    # SPEC 7: softmax in float32 gives 1.0 to both rows; the float64 reference tells them apart
+    from prophet.rules import log_prob_of
+    x = torch.tensor([[20.0, 0.0, 0.0, 0.0], [21.0, 0.0, 0.0, 0.0], [3.0, 2.0, 1.0, 0.0]])
+    x0 = torch.tensor([0, 0, 1])
+    p32 = torch.softmax(x, -1).gather(-1, x0[:, None])[:, 0]
+    assert p32[0] == p32[1] == 1.0
+    got = log_prob_of(x, x0)
+    want = torch.log_softmax(x.double(), -1).gather(-1, x0[:, None])[:, 0]
+    assert got[0] < got[1] < 0 and got.dtype == torch.float32
+    assert torch.allclose(got.double(), want, rtol=1e-6, atol=0)

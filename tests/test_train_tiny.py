@@ -15,26 +15,29 @@ train_tiny = load_job("train_tiny")
 
 
 def fixed_batch_loss(job, adapter, seed: int = 123) -> float:
-    """Masked-diffusion loss on the same validation examples and masks, summed over tasks."""
+    """The family's training loss on the same validation examples and masks, summed over tasks."""
     gen = torch.Generator().manual_seed(seed)
     total = 0.0
     with torch.no_grad():
         for name in sorted(TASKS):
             task = get_task(name)
             batch = job.encode_batch(adapter, task, task.examples("valid", 48, seed=seed))
-            total += float(job.diffusion_loss(adapter, batch, gen))
+            total += float(job.training_loss(adapter, batch, gen))
     return total
 
 
-@pytest.mark.parametrize("family", ["llada", "dream"])
+@pytest.mark.parametrize("family", ["llada", "dream", "llada2"])
 def test_a_few_steps_save_a_loadable_model_whose_loss_drops(tmp_path, family):
     out = tmp_path / f"tiny-{family}"
     record = train_tiny.main(["--family", family, "--out", str(out), "--steps", "20", "--warmup", "5",
-                              "--batch", "16", "--eval-n", "0", "--dtype", "fp32"])
+                              "--batch", "16", "--eval-n", "4" if family == "llada2" else "0", "--dtype", "fp32"])
     model = load_model(out)
     assert model.family == family and model.name == f"tiny-{family}"
     assert json.loads((out / "training.json").read_text())["config"]["steps"] == 20
     assert record["parameters"] == sum(p.numel() for p in model.module.parameters())
+    if family == "llada2":  # held out through the block host: Full and one step per block, per task
+        assert model.block_length == 8 and model.default_host == "block"
+        assert all(set(v) == {"n", "full", "one_step_per_block"} for v in record["heldout_accuracy"].values())
 
     # the same initial weights as the run (seeded), rebuilt and scored on a fixed batch
     cfg = train_tiny.TrainConfig(family=family)
@@ -70,3 +73,57 @@ def test_learning_rate_warms_up_then_decays_to_the_floor():
     assert lrs[0] == pytest.approx(2e-5) and lrs[99] == pytest.approx(2e-3)
     assert all(a >= b for a, b in zip(lrs[100:], lrs[101:]))
     assert lrs[-1] == pytest.approx(0.05 * 2e-3, rel=1e-3)
+
+
+def test_block_diffusion_loss_sees_each_noisy_block_as_decoding_does():
+    # the two-copy pass gives every noisy block the logits of a plain forward over the clean blocks
+    # before it followed by that noisy block: what the block decoder computes
+    from prophet.models import char_tokenizer
+    from prophet.models.layers import position_ids, two_copy_block_inputs
+
+    cfg = train_tiny.TrainConfig(family="llada2", layers=2, block=4)
+    tok = char_tokenizer()
+    torch.manual_seed(0)
+    module = train_tiny.build_module(cfg, tok.vocab_size, 128).eval()
+    adapter = train_tiny.NativeAdapter(module, tok)
+    task = get_task("running_parity")
+    batch = train_tiny.encode_batch(adapter, task, task.examples("train", 3, seed=1), [17, 20, 24])
+    noisy = batch.ids.masked_fill(batch.window & (torch.rand(batch.ids.shape) < 0.5), adapter.mask_id)
+    L = batch.ids.shape[1]
+    inputs = two_copy_block_inputs(batch.attn, module.config.rotary_dim, module.config.rope_theta, 4)
+    with torch.no_grad():
+        both = module.head(module.hidden(torch.cat([noisy, batch.ids], dim=1), inputs))   # (B, 2L, V)
+        assert torch.allclose(both[:, L:], module(batch.ids, batch.attn), atol=1e-5)      # clean copy
+        for b in range(3):
+            real = batch.attn[b]
+            clean, masked = batch.ids[b, real], noisy[b, real]
+            pos = position_ids(batch.attn)[b, real]
+            for k in range(int(pos[-1]) // 4 + 1):
+                seq = torch.cat([clean[:4 * k], masked[4 * k:4 * k + 4]])[None]
+                want = module(seq)[0, 4 * k:]
+                got = both[b, :L][real][4 * k:4 * k + 4]
+                assert torch.allclose(got, want, atol=1e-5), (b, k)
+
+
+def test_expert_bias_moves_toward_the_under_loaded_experts():
+    from prophet.models import char_tokenizer
+
+    cfg = train_tiny.TrainConfig(family="llada2", layers=2)
+    torch.manual_seed(0)
+    module = train_tiny.build_module(cfg, char_tokenizer().vocab_size, 128).train()
+    balance = train_tiny.ExpertLoad(module, rate=0.01)
+    router = balance.routers[0]
+    with torch.no_grad():
+        router.expert_bias[0] = 1.0   # every token picks expert 0: over-loaded
+        module(torch.randint(6, 60, (4, 20)))
+    load = balance.counts[0].clone()
+    balance.step()
+    assert load[0] == 80 and router.expert_bias[0] == pytest.approx(0.99)
+    idle = load < load.mean()
+    assert torch.allclose(router.expert_bias[idle], torch.full((int(idle.sum()),), 0.01))
+    balance.close()
+    module.eval()
+    with torch.no_grad():
+        module(torch.randint(6, 60, (2, 5)))
+    assert balance.counts[0].sum() == 0   # detached: nothing counted
+

@@ -1,4 +1,4 @@
-"""Model families: native LLaDA and Dream (torch only), a generic transformers masked LM, and safe loading.
+"""Model families: native LLaDA, Dream and LLaDA2 (torch only), a generic transformers masked LM, and safe loading.
 
     from prophet.models import load_model
     model = load_model("checkpoints/tiny-llada")          # a prophet.types.TextDLM
@@ -7,10 +7,11 @@ from prophet.models.adapter import NativeAdapter, shift_logits_right
 from prophet.models.dream import DreamConfig, DreamModel
 from prophet.models.errors import ModelLoadError
 from prophet.models.llada import LLaDAConfig, LLaDAModel
+from prophet.models.llada2 import LLaDA2Config, LLaDA2Model
 from prophet.models.loading import load_model, save_model
 from prophet.models.tokenizer import CHAR_TOKEN_IDS, Tokenizer, char_tokenizer
 
 __all__ = [
-    "CHAR_TOKEN_IDS", "DreamConfig", "DreamModel", "LLaDAConfig", "LLaDAModel", "ModelLoadError",
+    "CHAR_TOKEN_IDS", "DreamConfig", "DreamModel", "LLaDA2Config", "LLaDA2Model", "LLaDAConfig", "LLaDAModel", "ModelLoadError",
     "NativeAdapter", "Tokenizer", "char_tokenizer", "load_model", "save_model", "shift_logits_right",
 ]

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from prophet.models.errors import ModelLoadError
-from prophet.models.layers import CacheIndex
+from prophet.models.layers import CacheIndex, KVCache
 from prophet.models.tokenizer import Tokenizer
 from prophet.types import last_positions
 
@@ -18,7 +18,7 @@ def shift_logits_right(logits: torch.Tensor) -> torch.Tensor:
 
 
 class NativeAdapter:
-    """A LLaDA or Dream module behind the decoder's interface; owns ids, the shift and the template.
+    """A native module (LLaDA, Dream, LLaDA2) behind the decoder's interface; owns ids, the shift and the template.
 
     `.module` is called as `module(input_ids, attention_mask, logits_to_keep=k)`, so the pipeline
     may replace it by a DeepSpeed inference engine wrapping the same module.
@@ -31,6 +31,8 @@ class NativeAdapter:
         self.family: str = c.family
         self.default_host: str = c.default_host
         self.shift: bool = c.shift_logits
+        # attention block of a block-diffusion family; None = bidirectional (LLaDA, Dream)
+        self.block_length: int | None = getattr(module, "block_length", None)
         self.query_lead: int = int(self.shift)  # a cached pass also runs the position before the first scored one
         self.name = name or c.family
         self.mask_id, self.pad_id, self.eos_id = c.mask_token_id, c.pad_token_id, c.eos_token_id
@@ -63,15 +65,34 @@ class NativeAdapter:
         """Free the keys/values."""
         self._raw().drop_cache()
 
+    def move_cache(self, src: list[int], dst: list[int]) -> None:
+        """Copy the keys/values of slots src into slots dst (every layer), so that the decoder can keep
+        its rows in consecutive slots as rows leave (attention then reads the cache in place)."""
+        for m in self._raw().modules():
+            if isinstance(m, KVCache):
+                m.move(src, dst)
+
+    @torch.no_grad()  # not inference_mode: the decoder edits the logits in place
+    def block_logits(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, lengths: torch.Tensor,
+                     first_slot: int | None = None, scored: bool = True) -> torch.Tensor:
+        """A cached pass of explicit positions (the block host): ids (B, Q) sit at `positions` (B, Q) of
+        each row's own sequence (-1 = padding); their keys/values are written into slot slots[b], and
+        each query attends to the slot's keys below lengths[b] that the model's attention allows
+        (block-causal: its own block and earlier ones) -> logits (B, Q, V), or with scored=False
+        (a pass that only stores keys/values) (B, 0, V) without running the LM head."""
+        keep = None if scored else torch.zeros(ids.shape[0], 0, dtype=torch.long, device=ids.device)
+        return self.module(ids, None, cache=CacheIndex(slots, positions, lengths, first_slot), keep=keep)
+
     @torch.no_grad()  # not inference_mode: the decoder edits the logits in place
     def cached_logits(self, ids: torch.Tensor, attention_mask: torch.Tensor, slots: torch.Tensor,
-                      first: torch.Tensor, width: int, refresh: bool) -> torch.Tensor:
+                      first: torch.Tensor, width: int, refresh: bool, first_slot: int | None = None) -> torch.Tensor:
         """Aligned logits (B, width, V) of columns first[b] .. first[b] + width - 1 of the left-padded batch.
 
         refresh: every real position runs and its keys/values are stored in the row's slot. Else only
         the scored columns run (one earlier for Dream's shift), their keys/values are written into
         the slot, and they attend to the slot's cached keys/values for everything else. Columns past
-        the end of a row are padding (garbage logits).
+        the end of a row are padding (garbage logits). `first_slot`: slots are first_slot + arange(B)
+        (the caller knows it without a sync), so attention reads the cache in place.
         """
         B, L = ids.shape
         lengths = attention_mask.sum(1)                                   # (B,) real positions
@@ -84,7 +105,7 @@ class NativeAdapter:
             qcols, keep = cols, torch.arange(width, device=ids.device).expand(B, -1)  # (B, W + lead)
         real = (qcols < L) & attention_mask.gather(1, qcols.clamp(max=L - 1))
         qids = torch.where(real, ids.gather(1, qcols.clamp(max=L - 1)), self.pad_id)
-        index = CacheIndex(slots, torch.where(real, qcols - pad, -1), lengths)
+        index = CacheIndex(slots, torch.where(real, qcols - pad, -1), lengths, first_slot)
         return self.module(qids, None, cache=index, keep=keep)            # (B, W, V)
 
     def _raw(self) -> nn.Module:

@@ -7,13 +7,13 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from prophet.models.family import FamilyConfig, check_heads
-from prophet.models.layers import (AttentionInputs, CacheIndex, KVCache, RMSNorm, attention_inputs, drop_caches,
-                                   head_inputs, init_weights, self_attention, setup_caches, swiglu)
+from prophet.models.family import FamilyConfig, TransformersSizes, check_heads
+from prophet.models.layers import (AttentionInputs, CacheIndex, KVCache, KVCaches, RMSNorm, attention_inputs,
+                                   head_inputs, init_weights, self_attention, swiglu)
 
 
 @dataclass
-class DreamConfig(FamilyConfig):
+class DreamConfig(TransformersSizes, FamilyConfig):
     """Dream's config.json fields (Qwen2 names); the defaults are Dream-v0-7B's."""
 
     hidden_size: int = 3584
@@ -56,17 +56,6 @@ class DreamConfig(FamilyConfig):
 
     def __post_init__(self) -> None:
         check_heads(self.hidden_size, self.num_attention_heads, self.num_key_value_heads)
-
-    @property
-    def max_length(self) -> int:
-        """Longest prompt + generation: max_position_embeddings. A config.json "max_length" is a
-        generation default of transformers (e.g. 20), never the context, so it is not read."""
-        return self.max_position_embeddings
-
-    @property
-    def logit_width(self) -> int:
-        """Width of the logits (vocab_size rows of lm_head)."""
-        return self.vocab_size
 
 
 class DreamAttention(nn.Module):
@@ -115,7 +104,7 @@ class DreamLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class DreamModel(nn.Module):
+class DreamModel(KVCaches, nn.Module):
     """Dream: forward(input_ids, attention_mask) -> raw logits (B, L, vocab_size).
 
     Raw means unshifted: the logit at j-1 predicts the token at j. The adapter applies the shift.
@@ -150,15 +139,12 @@ class DreamModel(nn.Module):
     def head_dim(self) -> int:
         return self.config.hidden_size // self.config.num_attention_heads
 
-    def setup_cache(self, slots: int, length: int) -> None:
-        """Allocate every layer's keys/values for `slots` rows of up to `length` positions."""
-        self.cache_length = length
-        setup_caches([layer.self_attn for layer in self.model.layers], slots, length,
-                     self.config.num_key_value_heads, self.head_dim, self.model.embed_tokens.weight)
+    block_length: int | None = None  # bidirectional attention
 
-    def drop_cache(self) -> None:
-        """Free the keys/values."""
-        self.cache_length = 0
-        drop_caches([layer.self_attn for layer in self.model.layers])
+    @property
+    def kv_heads(self) -> int:
+        return self.config.num_key_value_heads
 
-    cache_length: int = 0
+    def cache_holders(self) -> list[nn.Module]:
+        """The attention modules that hold the keys/values."""
+        return [layer.self_attn for layer in self.model.layers]

@@ -98,6 +98,24 @@ def check_token_ids(config: Any, given: dict) -> None:
                              "(tokenizer.json / tokenizer_config.json)")
 
 
+class TransformersSizes:
+    """logit_width and max_length of a config in transformers' key names (Dream, LLaDA2)."""
+
+    vocab_size: int
+    max_position_embeddings: int
+
+    @property
+    def logit_width(self) -> int:
+        """Width of the logits (vocab_size rows of lm_head)."""
+        return self.vocab_size
+
+    @property
+    def max_length(self) -> int:
+        """Longest prompt + generation: max_position_embeddings. A config.json "max_length" is a
+        generation default of transformers (e.g. 20), never the context, so it is not read."""
+        return self.max_position_embeddings
+
+
 def check_heads(width: int, n_heads: int, n_kv_heads: int) -> None:
     """Refuse head counts that do not divide the width (or the query heads, for KV heads)."""
     if width % n_heads or n_heads % n_kv_heads:

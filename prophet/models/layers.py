@@ -1,4 +1,5 @@
-"""Pieces shared by the native families: RMSNorm, rotary embeddings, bidirectional attention, SwiGLU.
+"""Pieces shared by the native families: RMSNorm, rotary embeddings, attention (bidirectional or
+block-causal), SwiGLU.
 
 Everything runs in the dtype of the weights; only the normalisation statistics and the rotary
 products are computed in float32 (as both families' own code does).
@@ -33,9 +34,12 @@ class AttentionInputs:
 
     cos: torch.Tensor              # (B, 1, Q, D) float32
     sin: torch.Tensor              # (B, 1, Q, D) float32
-    key_mask: torch.Tensor | None  # (B, 1, 1, K) bool, True = attend; None = attend to every key
+    # (B, 1, 1, K) bool (bidirectional: pad keys only) or (B, 1, Q, K) (block-causal), True = attend;
+    # None = attend to every key
+    key_mask: torch.Tensor | None
     slots: torch.Tensor | None = None   # (B,) cache slot of each row; None = no cache
     write_at: torch.Tensor | None = None  # (B, Q) cache position of each query's key/value
+    first_slot: int | None = None       # rows sit in slots first_slot .. first_slot + B - 1, in order
 
 
 @dataclass
@@ -50,6 +54,9 @@ class CacheIndex:
     slots: torch.Tensor      # (B,) int64
     positions: torch.Tensor  # (B, Q) int64 position of each query in its row; -1 = padding
     lengths: torch.Tensor    # (B,) int64 real positions of each row (prompt + window)
+    # known on the host by the caller: slots == first_slot + arange(B), so attention reads the
+    # cache in place (a view) instead of gathering every row's whole cache each layer
+    first_slot: int | None = None
 
 
 class KVCache(nn.Module):
@@ -65,13 +72,24 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, slots: torch.Tensor, write_at: torch.Tensor, k: torch.Tensor,
-               v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write (B, Hkv, Q, D) keys/values at their positions; return each row's slot (B, Hkv, L + 1, D)."""
+    def update(self, slots: torch.Tensor, write_at: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               first_slot: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write (B, Hkv, Q, D) keys/values at their positions; return each row's slot (B, Hkv, L + 1, D):
+        a view of the cache when the rows sit in consecutive slots from `first_slot`, else a gather."""
         rows = slots[:, None].expand_as(write_at)  # (B, Q)
         self.k.index_put_((rows, write_at), k.transpose(1, 2).to(self.k.dtype))
         self.v.index_put_((rows, write_at), v.transpose(1, 2).to(self.v.dtype))
+        if first_slot is not None:
+            end = first_slot + slots.shape[0]
+            return self.k[first_slot:end].transpose(1, 2), self.v[first_slot:end].transpose(1, 2)
         return self.k[slots].transpose(1, 2), self.v[slots].transpose(1, 2)
+
+    def move(self, src: list[int], dst: list[int]) -> None:
+        """Copy the slots src into the slots dst (disjoint), keys and values."""
+        if src:
+            s, d = torch.tensor(src, device=self.k.device), torch.tensor(dst, device=self.k.device)
+            self.k.index_copy_(0, d, self.k.index_select(0, s))
+            self.v.index_copy_(0, d, self.v.index_select(0, s))
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -101,26 +119,74 @@ def rotary_tables(pos: torch.Tensor, head_dim: int, theta: float) -> tuple[torch
     return emb.cos(), emb.sin()
 
 
+def block_causal_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, k_real: torch.Tensor,
+                      block_length: int) -> torch.Tensor:
+    """(B, Q) query positions, (B, K) key positions and (B, K) real keys -> (B, 1, Q, K) bool mask.
+
+    A query at position q sees a real key at position k iff k // block_length <= q // block_length:
+    its own block and every earlier one. A query that would see nothing (a padded query, position
+    -1) sees every key instead, as key_padding_mask does, since SDPA returns NaN for an empty row.
+    """
+    seen = (k_pos[:, None, :] // block_length) <= (q_pos[:, :, None] // block_length)  # (B, Q, K)
+    seen = seen & k_real[:, None, :]
+    seen = seen | ~seen.any(-1, keepdim=True)
+    return seen[:, None]
+
+
+def two_copy_block_inputs(attention_mask: torch.Tensor, head_dim: int, theta: float,
+                          block_length: int) -> AttentionInputs:
+    """Attention inputs of the block-diffusion training pass (BD3-LM) over a (B, 2L) input: a noisy
+    copy of each row, then its clean copy, both at the row's own positions.
+
+    Noisy block b attends to noisy block b and to clean blocks before b; clean block b attends to
+    clean blocks up to b (plain block-causal), so every noisy block is predicted in one pass from
+    exactly what it sees when it is decoded. attention_mask (B, L) marks the real positions.
+    """
+    real = attention_mask.bool()
+    pos = position_ids(attention_mask)                                  # (B, L)
+    block = pos // block_length
+    same = block[:, None, :] == block[:, :, None]                        # (B, Lq, Lk)
+    before = block[:, None, :] < block[:, :, None]
+    noisy_rows = torch.cat([same, before], dim=-1)                       # noisy queries: (B, L, 2L)
+    clean_rows = torch.cat([torch.zeros_like(same), same | before], dim=-1)  # clean queries
+    seen = torch.cat([noisy_rows, clean_rows], dim=1) & real.repeat(1, 2)[:, None, :]  # (B, 2L, 2L)
+    seen = seen | ~seen.any(-1, keepdim=True)
+    cos, sin = rotary_tables(pos.repeat(1, 2), head_dim, theta)          # (B, 1, 2L, D)
+    return AttentionInputs(cos, sin, seen[:, None])
+
+
 def attention_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, head_dim: int, theta: float,
-                     cache: CacheIndex | None = None, cache_length: int = 0) -> AttentionInputs:
+                     cache: CacheIndex | None = None, cache_length: int = 0,
+                     block_length: int | None = None) -> AttentionInputs:
     """Rotary tables and key mask for one forward.
 
     attention_mask None means no padding: no mask at all, so SDPA may pick its flash kernel on GPU.
     Finding that out from the mask would cost a host sync, so the caller, who knows, says so.
     With a cache, queries sit at `cache.positions` and keys are the slot's first `lengths` positions.
+    `head_dim` is the rotated width (the whole head, or its rotary part). block_length: attention is
+    block-causal over each row's own positions (see block_causal_mask); None = bidirectional.
     """
     if cache is not None:
         pos = cache.positions
         keys = torch.arange(cache_length + 1, device=pos.device)  # the slot's positions, scratch last
-        key_mask = (keys[None, :] < cache.lengths[:, None])[:, None, None, :]  # (B, 1, 1, L + 1)
+        real = keys[None, :] < cache.lengths[:, None]              # (B, L + 1)
+        if block_length is None:
+            key_mask = real[:, None, None, :]                      # (B, 1, 1, L + 1)
+        else:
+            key_mask = block_causal_mask(pos, keys.expand_as(real), real, block_length)  # (B, 1, Q, L + 1)
         write_at = torch.where(pos >= 0, pos, cache_length)
         cos, sin = rotary_tables(pos.clamp(min=0), head_dim, theta)
-        return AttentionInputs(cos, sin, key_mask, cache.slots, write_at)
+        return AttentionInputs(cos, sin, key_mask, cache.slots, write_at, cache.first_slot)
     if attention_mask is None:
         pos = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-        return AttentionInputs(*rotary_tables(pos, head_dim, theta), key_mask=None)
-    cos, sin = rotary_tables(position_ids(attention_mask), head_dim, theta)
-    return AttentionInputs(cos, sin, key_padding_mask(attention_mask))
+        key_mask = None if block_length is None else block_causal_mask(
+            pos, pos, torch.ones_like(pos, dtype=torch.bool), block_length)
+        return AttentionInputs(*rotary_tables(pos, head_dim, theta), key_mask=key_mask)
+    pos = position_ids(attention_mask)
+    cos, sin = rotary_tables(pos, head_dim, theta)
+    if block_length is None:
+        return AttentionInputs(cos, sin, key_padding_mask(attention_mask))
+    return AttentionInputs(cos, sin, block_causal_mask(pos, pos, attention_mask.bool(), block_length))
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -129,7 +195,14 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (B, H, L, D) queries or keys by the tables; product in float32, result in x's dtype."""
+    """Rotate (B, H, L, D) queries or keys by the tables; product in float32, result in x's dtype.
+
+    Tables narrower than D (partial rotary, LLaDA2) rotate the first R dims (rotate-half within
+    them) and pass the other D - R through unchanged.
+    """
+    R = cos.shape[-1]
+    if R < x.shape[-1]:
+        return torch.cat([apply_rotary(x[..., :R], cos, sin), x[..., R:]], dim=-1)
     xf = x.float()
     return (xf * cos + _rotate_half(xf) * sin).to(x.dtype)
 
@@ -137,7 +210,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 def self_attention(x: torch.Tensor, q_proj: nn.Linear, k_proj: nn.Linear, v_proj: nn.Linear,
                    o_proj: nn.Linear, n_heads: int, n_kv_heads: int, inputs: AttentionInputs,
                    cache: KVCache | None = None) -> torch.Tensor:
-    """Bidirectional multi-head attention with grouped KV heads: (B, L, C) -> (B, L, C).
+    """Multi-head attention with grouped KV heads: (B, L, C) -> (B, L, C); the mask is inputs'.
 
     With a cache (and `inputs.slots` set) the queries' keys/values are written into it first, and
     the queries attend to their slot's cached keys/values.
@@ -148,29 +221,54 @@ def self_attention(x: torch.Tensor, q_proj: nn.Linear, k_proj: nn.Linear, v_proj
     v = v_proj(x).view(B, L, n_kv_heads, -1).transpose(1, 2)  # (B, Hkv, L, D)
     q = apply_rotary(q, inputs.cos, inputs.sin)
     k = apply_rotary(k, inputs.cos, inputs.sin)
+    return o_proj(attend(q, k, v, inputs, cache))             # (B, L, H*D) -> (B, L, C)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: AttentionInputs,
+           cache: KVCache | None = None) -> torch.Tensor:
+    """Rotated (B, H, L, D) queries, (B, Hkv, L, D) keys/values -> (B, L, H*D) attention output.
+
+    With `inputs.slots` set the keys/values are first written into `cache` and the queries attend
+    to their slot's cached keys/values instead.
+    """
+    B, H, L, _ = q.shape
     if inputs.slots is not None:
         if cache is None:
             raise RuntimeError("a cached forward needs setup_cache() first")
-        k, v = cache.update(inputs.slots, inputs.write_at, k, v)  # (B, Hkv, L + 1, D)
-    # No causal mask: every position sees every real position. With grouped heads, KV head j
+        k, v = cache.update(inputs.slots, inputs.write_at, k, v, inputs.first_slot)  # (B, Hkv, L + 1, D)
+    # The mask (pad keys, or block-causal) is the only restriction. With grouped heads, KV head j
     # serves query heads j*rep .. (j+1)*rep-1 (the Llama/Qwen2 grouping), which SDPA's enable_gqa
     # does without materialising the repeated keys and values.
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=inputs.key_mask,
-                                       enable_gqa=n_kv_heads != n_heads)  # (B, H, L, D)
-    return o_proj(y.transpose(1, 2).reshape(B, L, -1))        # (B, L, H*D) -> (B, L, C)
+                                       enable_gqa=k.shape[1] != H)  # (B, H, L, D)
+    return y.transpose(1, 2).reshape(B, L, -1)                # (B, L, H*D)
 
 
-def setup_caches(layers: nn.ModuleList, slots: int, length: int, n_kv_heads: int, head_dim: int,
-                 like: torch.Tensor) -> None:
-    """Give every layer a KVCache (attribute `kv_cache`) for `slots` rows of `length` positions."""
-    for layer in layers:
-        layer.kv_cache = KVCache(slots, length, n_kv_heads, head_dim, like.dtype, like.device)
+class KVCaches:
+    """setup_cache / drop_cache for a native model whose attention modules each hold a `kv_cache`.
 
+    The model names those modules (`cache_holders`), its KV heads (`kv_heads`) and `head_dim`.
+    """
 
-def drop_caches(layers: nn.ModuleList) -> None:
-    """Free every layer's cache."""
-    for layer in layers:
-        layer.kv_cache = None
+    cache_length: int = 0  # positions per slot of the allocated cache; 0 = none
+
+    def cache_holders(self) -> list[nn.Module]:
+        """The modules (one per layer) whose `kv_cache` attribute the attention reads."""
+        raise NotImplementedError
+
+    def setup_cache(self, slots: int, length: int) -> None:
+        """Allocate every layer's keys/values for `slots` rows of up to `length` positions."""
+        self.cache_length = length
+        like = next(self.parameters())  # type: ignore[attr-defined]
+        for holder in self.cache_holders():
+            holder.kv_cache = KVCache(slots, length, self.kv_heads, self.head_dim,  # type: ignore[attr-defined]
+                                      like.dtype, like.device)
+
+    def drop_cache(self) -> None:
+        """Free the keys/values."""
+        self.cache_length = 0
+        for holder in self.cache_holders():
+            holder.kv_cache = None
 
 
 def head_inputs(x: torch.Tensor, logits_to_keep: int, keep: torch.Tensor | None) -> torch.Tensor:

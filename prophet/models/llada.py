@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from prophet.models.family import FamilyConfig, check_heads
-from prophet.models.layers import (AttentionInputs, CacheIndex, KVCache, RMSNorm, attention_inputs, drop_caches,
-                                   head_inputs, init_weights, self_attention, setup_caches, swiglu)
+from prophet.models.layers import (AttentionInputs, CacheIndex, KVCache, KVCaches, RMSNorm, attention_inputs,
+                                   head_inputs, init_weights, self_attention, swiglu)
 
 
 @dataclass
@@ -106,7 +106,7 @@ class LLaDABlock(nn.Module):
         return x + swiglu(self.ff_norm(x), self.ff_proj, self.up_proj, self.ff_out)
 
 
-class LLaDAModel(nn.Module):
+class LLaDAModel(KVCaches, nn.Module):
     """LLaDA: forward(input_ids, attention_mask) -> raw logits (B, L, embedding_size), not shifted."""
 
     def __init__(self, config: LLaDAConfig) -> None:
@@ -141,15 +141,12 @@ class LLaDAModel(nn.Module):
     def head_dim(self) -> int:
         return self.config.d_model // self.config.n_heads
 
-    def setup_cache(self, slots: int, length: int) -> None:
-        """Allocate every block's keys/values for `slots` rows of up to `length` positions."""
-        self.cache_length = length
-        setup_caches(self.model["transformer"]["blocks"], slots, length, int(self.config.n_kv_heads),
-                     self.head_dim, self.model["transformer"]["wte"].weight)
+    block_length: int | None = None  # bidirectional attention
 
-    def drop_cache(self) -> None:
-        """Free the keys/values."""
-        self.cache_length = 0
-        drop_caches(self.model["transformer"]["blocks"])
+    @property
+    def kv_heads(self) -> int:
+        return int(self.config.n_kv_heads)  # type: ignore[arg-type]
 
-    cache_length: int = 0
+    def cache_holders(self) -> list[nn.Module]:
+        """The attention modules that hold the keys/values."""
+        return list(self.model["transformer"]["blocks"])

@@ -25,6 +25,7 @@ from prophet.models.errors import ModelLoadError
 from prophet.models.family import FamilyConfig
 from prophet.models.hf import check_remote_code, is_masked_lm_config, load_masked_lm
 from prophet.models.llada import LLaDAConfig, LLaDAModel
+from prophet.models.llada2 import LLaDA2Config, LLaDA2Model
 from prophet.models.tokenizer import (CHAT_TEMPLATE_FILE, MERGES_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE,
                                       VOCAB_FILE, Tokenizer)
 from prophet.types import TextDLM
@@ -45,11 +46,11 @@ SHARD_PATTERN = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 NATIVE_FAMILIES: tuple[tuple[type[FamilyConfig], type[nn.Module]], ...] = (
     (LLaDAConfig, LLaDAModel),
     (DreamConfig, DreamModel),
+    (LLaDA2Config, LLaDA2Model),
 )
 
 # Published model types named by the project's users that no native module implements, and why.
 UNSUPPORTED_MODEL_TYPES = {
-    "llada2_moe": "LLaDA 2.x (mixture-of-experts, block diffusion) is not implemented natively",
     "llada_moe": "LLaDA-MoE is not implemented natively",
 }
 
@@ -80,8 +81,12 @@ def native_family(raw: dict) -> tuple[type[FamilyConfig], type[nn.Module]] | Non
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, *,
                allow_pickle: bool = False, trust_remote_code: bool = False,
-               revision: str | None = None) -> TextDLM:
-    """Load a model directory as a TextDLM: native LLaDA/Dream, else a transformers masked LM."""
+               revision: str | None = None, block_length: int | None = None) -> TextDLM:
+    """Load a model directory as a TextDLM: a native family, else a transformers masked LM.
+
+    block_length: the attention block of a block-diffusion family (LLaDA2), for a checkpoint trained
+    with another than the one its config.json (or the family) names; refused for other families.
+    """
     check_remote_code(trust_remote_code, revision)
     path = Path(path)
     raw = read_config(path)
@@ -91,9 +96,22 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
         return load_masked_lm(path, device, dtype, trust_remote_code=trust_remote_code, revision=revision)
     config_cls, module_cls = family
     tokenizer = Tokenizer.from_dir(path)  # before the weights: fail fast on a missing file
-    module = load_native_module(path, config_cls.from_dict(raw), module_cls, torch.device(device), dtype,
-                                allow_pickle)
+    config = config_cls.from_dict(raw)
+    if block_length is not None:
+        _check_block_length(config, block_length)
+    module = load_native_module(path, config, module_cls, torch.device(device), dtype, allow_pickle)
+    if block_length is not None:
+        module.block_length = block_length
     return NativeAdapter(module, tokenizer, name=raw.get("_name_or_path") or path.resolve().name)
+
+
+def _check_block_length(config: FamilyConfig, block_length: int) -> None:
+    """Refuse a block_length for a bidirectional family, or one that is not positive."""
+    if getattr(config, "default_block_length", None) is None:
+        raise ModelLoadError(f"block_length={block_length} was given, but {config.family} attention is "
+                             "bidirectional: only block-diffusion families (llada2) take a block_length")
+    if int(block_length) < 1:
+        raise ModelLoadError(f"block_length must be positive (got {block_length})")
 
 
 def load_native_module(path: Path, config: FamilyConfig, module_cls: type[nn.Module], device: torch.device,

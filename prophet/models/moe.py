@@ -1,0 +1,176 @@
+"""Mixture-of-experts pieces shared by the MoE families: the routers and the sparse SwiGLU layer.
+
+The layer never computes an expert on a token that did not choose it and never loops over tokens:
+the (token, expert) pairs are sorted by expert, each active expert runs one SwiGLU on its
+contiguous run of tokens, and the weighted outputs are added back per token. Where torch offers a
+grouped matmul (`torch._grouped_mm`) and no gradient is needed, all experts run as three grouped
+matmuls over the sorted tokens with the group offsets on the device: no host sync at all.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from prophet.models.layers import swiglu
+
+
+@dataclass(frozen=True)
+class RouterSpec:
+    """How tokens choose experts (DeepSeek-V3 style, as LLaDA2 routes)."""
+
+    n_experts: int
+    top_k: int                    # experts per token
+    n_group: int = 1              # experts split into this many equal groups ...
+    topk_group: int = 1           # ... of which each token may use the best this many
+    norm_topk_prob: bool = True   # renormalise the chosen experts' scores to sum 1
+    scaling: float = 1.0          # routed_scaling_factor, applied after the renormalisation
+
+
+class SigmoidRouter(nn.Module):
+    """Sigmoid scores in float32, selection by scores + expert_bias within the best groups.
+
+    `expert_bias` changes which experts are chosen (load balancing learned in training), never the
+    weights they are combined with: those are the chosen experts' own sigmoid scores.
+    """
+
+    def __init__(self, width: int, spec: RouterSpec) -> None:
+        super().__init__()
+        if spec.n_experts % spec.n_group or not 0 < spec.topk_group <= spec.n_group:
+            raise ValueError(f"router: {spec.n_experts} experts cannot form {spec.n_group} equal groups "
+                             f"with {spec.topk_group} kept")
+        if spec.top_k > spec.topk_group * (spec.n_experts // spec.n_group):
+            raise ValueError(f"router: top_k {spec.top_k} exceeds the experts of {spec.topk_group} groups")
+        self.spec = spec
+        self.weight = nn.Parameter(torch.empty(spec.n_experts, width))
+        self.register_buffer("expert_bias", torch.zeros(spec.n_experts))
+        nn.init.normal_(self.weight, std=0.02)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (N, C) -> chosen experts (N, k) int64 and their combine weights (N, k) float32."""
+        s = self.spec
+        scores = torch.sigmoid(F.linear(x.float(), self.weight.float()))   # (N, E)
+        biased = scores + self.expert_bias.float()
+        idx = group_limited_topk(biased, s.top_k, s.n_group, s.topk_group)  # (N, k)
+        w = scores.gather(1, idx)                                           # unbiased scores
+        if s.norm_topk_prob and s.top_k > 1:
+            w = w / (w.sum(-1, keepdim=True) + 1e-20)
+        return idx, w * s.scaling
+
+
+def group_limited_topk(scores: torch.Tensor, top_k: int, n_group: int, topk_group: int) -> torch.Tensor:
+    """(N, E) selection scores -> (N, top_k) expert ids, chosen only among the best `topk_group` groups.
+
+    A group's score is the sum of its two best experts' scores (one, for groups of one expert).
+    """
+    N, E = scores.shape
+    grouped = scores.view(N, n_group, E // n_group)                            # (N, G, E/G)
+    group_score = grouped.topk(min(2, E // n_group), dim=-1).values.sum(-1)   # (N, G)
+    keep = group_score.topk(topk_group, dim=-1).indices                      # (N, topk_group)
+    allowed = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, keep, True)  # (N, G)
+    masked = grouped.masked_fill(~allowed[..., None], float("-inf")).view(N, E)
+    return masked.topk(top_k, dim=-1).indices
+
+
+class SwiGLUExpert(nn.Module):
+    """One expert (or the shared experts, fused): down(silu(gate(x)) * up(x)), no biases."""
+
+    def __init__(self, width: int, inner: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(width, inner, bias=False)
+        self.up_proj = nn.Linear(width, inner, bias=False)
+        self.down_proj = nn.Linear(inner, width, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return swiglu(x, self.gate_proj, self.up_proj, self.down_proj)
+
+
+class SparseMoE(nn.Module):
+    """Routed SwiGLU experts plus optional always-on shared experts: (B, L, C) -> (B, L, C).
+
+    Parameter names are the published ones: gate.weight, gate.expert_bias, experts.{j}.{gate,up,
+    down}_proj.weight, shared_experts.{gate,up,down}_proj.weight.
+    """
+
+    def __init__(self, width: int, inner: int, spec: RouterSpec, shared_inner: int = 0) -> None:
+        super().__init__()
+        self.gate = SigmoidRouter(width, spec)
+        self.experts = nn.ModuleList(SwiGLUExpert(width, inner) for _ in range(spec.n_experts))
+        self.shared_experts = SwiGLUExpert(width, shared_inner) if shared_inner else None
+        self._packed: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, L, C = x.shape
+        flat = x.reshape(B * L, C)                                  # (N, C)
+        idx, w = self.gate(flat)                                    # (N, k), (N, k)
+        y = self.routed(flat, idx, w)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(flat)
+        return y.view(B, L, C)
+
+    def routed(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """Sum over each token's chosen experts of weight * expert(token): (N, C) -> (N, C)."""
+        N, k = idx.shape
+        order = idx.view(-1).argsort(stable=True)                   # (N*k,) pairs grouped by expert
+        token = order // k                                          # token of each sorted pair
+        counts = torch.bincount(idx.view(-1), minlength=len(self.experts))  # (E,)
+        xs = x.index_select(0, token)                               # (N*k, C) tokens in expert order
+        if self._grouped_ok(x):
+            out = self._grouped(xs, counts)
+        else:
+            out = self._looped(xs, counts)
+        out = out * w.view(-1)[order, None].to(out.dtype)           # (N*k, C) weighted
+        return torch.zeros_like(x).index_add_(0, token, out.to(x.dtype))
+
+    def _looped(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """One SwiGLU per active expert on its run of sorted tokens (one host sync for the counts)."""
+        out = torch.empty_like(xs)
+        start = 0
+        for e, n in enumerate(counts.tolist()):
+            if n:
+                out[start:start + n] = self.experts[e](xs[start:start + n])
+                start += n
+        return out
+
+    def _grouped_ok(self, x: torch.Tensor) -> bool:
+        """torch's grouped matmul applies: inference (its CPU backward fails on empty groups), not float64
+        (not among its dtypes; the decoder's oracle tests run it), bf16 on CUDA (its kernel's dtype,
+        Hopper and later), and rows whose byte widths it accepts (multiples of 16)."""
+        if torch.is_grad_enabled() or not hasattr(torch, "_grouped_mm") or x.dtype == torch.float64:
+            return False
+        if x.is_cuda and (x.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device)[0] < 9):
+            return False
+        inner = self.experts[0].gate_proj.weight.shape[0]
+        return all(d * x.element_size() % 16 == 0 for d in (x.shape[1], inner))
+
+    def _grouped(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """All experts as three grouped matmuls over the sorted tokens; offsets stay on the device."""
+        gate, up, down = self.packed()                              # (E, I, C), (E, I, C), (E, C, I)
+        offs = counts.cumsum(0).to(torch.int32)                     # (E,) end of each expert's run
+        h = F.silu(torch._grouped_mm(xs, gate.transpose(-2, -1), offs=offs))
+        h = h * torch._grouped_mm(xs, up.transpose(-2, -1), offs=offs)       # (N*k, I)
+        return torch._grouped_mm(h, down.transpose(-2, -1), offs=offs)      # (N*k, C)
+
+    @torch.no_grad()
+    def packed(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The experts' weights stacked (E, ...), each expert's parameter then a view into them.
+
+        Packing once rebinds the experts' parameters as views, so memory is not doubled and the
+        state dict keeps its per-expert names. It is redone when something (a .to(), a load)
+        replaced the parameters since.
+        """
+        first = self.experts[0].gate_proj.weight
+        if self._packed is not None and self._packed[0].data_ptr() == first.data_ptr() \
+                and self._packed[0].device == first.device and self._packed[0].dtype == first.dtype:
+            return self._packed
+        stacks = []
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            stack = torch.stack([getattr(e, name).weight for e in self.experts])
+            grad = getattr(self.experts[0], name).weight.requires_grad
+            for j, e in enumerate(self.experts):
+                getattr(e, name).weight = nn.Parameter(stack[j], requires_grad=grad)
+            stacks.append(stack)
+        self._packed = (stacks[0], stacks[1], stacks[2])
+        return self._packed
