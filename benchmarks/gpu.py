@@ -21,6 +21,7 @@ code (tiny models of both families) in seconds.
 from __future__ import annotations
 
 import argparse
+import gc
 import time
 from dataclasses import replace
 
@@ -150,7 +151,7 @@ def run_llada2(args: argparse.Namespace, device: torch.device, dtype: torch.dtyp
 
 
 def run(args: argparse.Namespace) -> dict:
-    """Forward MFU, then the decode table; prints both, returns the JSON object."""
+    """LLaDA-8B: forward MFU and the decode table; then LLaDA2 (run_llada2); prints each, returns the JSON object."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.gpu_model == "llada-8b" and device.type != "cuda":
         raise SystemExit("bench gpu: LLaDA-8B needs a GPU; --gpu-model tiny runs the same code on a CPU")
@@ -175,6 +176,7 @@ def run(args: argparse.Namespace) -> dict:
           f"{args.gpu_steps} steps, {args.gpu_slots} slots")
     print_decode(rows)
     del model  # LLaDA-8B's 16 GB leave the device before LLaDA2-mini's 32 GB arrive
+    gc.collect()  # a reference cycle would keep them until the next collection
     _reset_peak(device)
     llada2 = run_llada2(args, device, dtype, deadline)
     return {"forward": fwd, "decode": rows, "llada2": llada2, "total_s": time.perf_counter() - t0}
