@@ -20,6 +20,7 @@ import torch
 
 from benchmarks.harness import Table, interleaved
 from benchmarks.cache import workload
+from benchmarks.forward import random_model
 from prophet import DecodeConfig, decode, decode_reference
 from prophet.models import CHAR_TOKEN_IDS, LLaDA2Config, LLaDA2Model, NativeAdapter, char_tokenizer
 
@@ -30,21 +31,26 @@ TABLE = Table(("rule", "<19"), ("way", "<9"), ("wall s", "8.2f"), ("wall/ref", "
               ("tok/ref", "8.3f"), ("mean steps", "10.1f"))
 
 
-def random_llada2(width: int = 256, layers: int = 4, vocab: int = 4096, block: int = 16,
-                  seed: int = 0) -> NativeAdapter:
-    """A random-weight LLaDA2-family model behind the adapter (fp32, CPU)."""
+def llada2_config(width: int = 256, layers: int = 4, vocab: int = 4096, block: int = 16) -> LLaDA2Config:
+    """A small LLaDA2-family shape (8 experts, 2 per token in 2 groups, a shared expert, a dense first layer)."""
+    return LLaDA2Config(vocab_size=vocab, hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=width // 4, num_experts=8,
+                        num_experts_per_tok=2, n_group=2, topk_group=1, moe_intermediate_size=width,
+                        num_shared_experts=1, first_k_dense_replace=1, max_position_embeddings=2048,
+                        block_length=block, **CHAR_TOKEN_IDS)
+
+
+def random_llada2(cfg: LLaDA2Config, device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32,
+                  seed: int = 0, name: str | None = None) -> NativeAdapter:
+    """A random-weight LLaDA2-family model of `cfg` behind the adapter, built on the device in the dtype."""
     torch.manual_seed(seed)
-    cfg = LLaDA2Config(vocab_size=vocab, hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers,
-                       num_attention_heads=4, num_key_value_heads=2, head_dim=width // 4, num_experts=8,
-                       num_experts_per_tok=2, n_group=2, topk_group=1, moe_intermediate_size=width,
-                       num_shared_experts=1, first_k_dense_replace=1, max_position_embeddings=2048,
-                       block_length=block, **CHAR_TOKEN_IDS)
-    return NativeAdapter(LLaDA2Model(cfg).eval(), char_tokenizer(), name=f"random-llada2-{width}x{layers}")
+    net = random_model(LLaDA2Model, cfg, device, dtype)
+    return NativeAdapter(net, char_tokenizer(), name=name or f"random-llada2-{cfg.hidden_size}x{cfg.num_hidden_layers}")
 
 
 def run(args: argparse.Namespace) -> dict:
     """Wall time and forward tokens of one decode per rule, cached block host vs recomputing reference."""
-    model = random_llada2(vocab=args.block_vocab, block=args.block_block)
+    model = random_llada2(llada2_config(vocab=args.block_vocab, block=args.block_block))
     prompts = workload(args.block_slots, args.block_prompt, args.block_vocab)
     G = args.block_window
     base = DecodeConfig(host="block", gen_length=G, steps=G, batch_size=args.block_slots, thresholds=(8.0, 5.0, 3.0))

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 from contextlib import contextmanager
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence, TypeVar
 
 import torch
 
@@ -25,6 +25,8 @@ TINY = LLaDAConfig(d_model=64, n_heads=4, n_layers=2, mlp_hidden_size=192, vocab
                    max_sequence_length=1024, mask_token_id=1, eos_token_id=2, pad_token_id=0,
                    eot_token_id=None, bos_token_id=None)
 MODELS = {"llada-8b": LLaDAConfig(), "tiny": TINY}  # LLaDAConfig's defaults are LLaDA-8B's
+C = TypeVar("C")
+M = TypeVar("M")
 NEEDS_GPU = True  # not in jobs/bench.py's default sections without one
 SHAPES_TABLE = Table(("batch x seq", ">12"), ("ms", "9.2f"), ("TFLOP/s", "8.2f"), ("MFU", ">6"), ("GFLOP/tok", "9.2f"),
                      ("peak GiB", "8.2f"))
@@ -59,10 +61,15 @@ def _building_on(device: torch.device, dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(before)
 
 
+def random_model(model_cls: Callable[[C], M], cfg: C, device: torch.device, dtype: torch.dtype) -> M:
+    """model_cls(cfg) with random weights, built on the device in the dtype, in eval mode."""
+    with _building_on(device, dtype):
+        return model_cls(cfg).eval()  # type: ignore[attr-defined]
+
+
 def random_llada(cfg: LLaDAConfig, device: torch.device, dtype: torch.dtype) -> LLaDAModel:
     """A LLaDA of `cfg` with random weights, built on the device in the dtype, in eval mode."""
-    with _building_on(device, dtype):
-        return LLaDAModel(cfg).eval()
+    return random_model(LLaDAModel, cfg, device, dtype)
 
 
 def parse_shapes(spec: str) -> list[tuple[int, int]]:

@@ -35,6 +35,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="also require accuracy above Half's (half the steps) on the same prompts")
     p.add_argument("--n", type=int, default=500, help="validation prompts")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="fit on sampled paths (the jobs' --temperature); recorded in calibrated_with")
     p.add_argument("--out", type=Path, help="output file; default MODEL/calibration.json")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     return p.parse_args(argv)
@@ -48,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     task = get_task(args.task)
     model = load_model(args.model)
     examples = task.examples("valid", task.available("valid", args.n), seed=args.seed)
-    result = calibrate(model, task, examples, args.tolerance, beat_half=args.beat_half)
+    result = calibrate(model, task, examples, args.tolerance, beat_half=args.beat_half, temperature=args.temperature)
     result["command"] = "jobs/calibrate.py " + " ".join(argv if argv is not None else sys.argv[1:])
     out = args.out or args.model / "calibration.json"
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -39,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(summary.text())
     print(json.dumps(summary.to_json()), flush=True)
+    if summary.problem:  # input ids missing from the output: the job is not done
+        print(f"error: {summary.problem}", file=sys.stderr)
+        return 1
     return 0 if summary.errors == 0 or summary.ok > 0 else 1
 
 

@@ -50,8 +50,9 @@ class InputConfig(_Section):
     id_column: Optional[str] = Field(None, description="Column of unique row ids. When unset, ids are "
                                      "'<file>:<row>' (path relative to `path`, 0-based row), stable "
                                      "across reruns and distinct for duplicate prompts.")
-    limit: Optional[int] = Field(None, ge=1, description="Process at most this many not-yet-written rows "
-                                 "(a trial run; a later run without it resumes the rest).")
+    limit: Optional[int] = Field(None, ge=1, description="Process at most this many not-yet-written input "
+                                 "rows, each with all its decoding.num_samples samples (a trial run; a later "
+                                 "run without it resumes the rest).")
 
 
 class OutputConfig(_Section):
@@ -60,6 +61,10 @@ class OutputConfig(_Section):
     dir: str = Field(description="Output directory: Parquet files plus .manifest.json. Rerunning into "
                                  "it resumes (only ids not yet written are processed).")
     overwrite: bool = Field(False, description="Delete this job's earlier output in `dir` and start over.")
+    break_lock: bool = Field(False, description="Take over the output's lock even where its run looks alive "
+                             "(one run at a time per output; a dead run's lock on this host, or one whose "
+                             "heartbeat is over 5 minutes old, is taken over without it). Only for a run "
+                             "known to be dead: two live runs write rows twice.")
 
 
 class ModelConfig(_Section):
@@ -173,8 +178,9 @@ class ExecutionConfig(_Section):
                                                   "decoder keeps decoding.batch_size of them in flight.")
     rows_per_block: Optional[int] = Field(None, ge=1, description="Rows per Ray Data block after the "
                                           "read (so every actor gets work); unset = batch_size.")
-    rows_per_file: int = Field(1024, ge=1, description="Rows gathered into one Parquet part before it is "
-                               "written (smaller = less work redone after a killed run, more files).")
+    rows_per_file: int = Field(1024, ge=1, description="At most this many rows per Parquet part: rows are "
+                               "gathered up to it before a part is written, and a larger write is split "
+                               "(smaller = less work redone after a killed run, more files).")
     seed: int = Field(0, description="Job seed; each row's seed derives from it and the row id, so a row's "
                                      "output does not depend on which actor took it.")
     max_restarts: int = Field(8, ge=0, description="Times a crashed actor is restarted.")

@@ -72,10 +72,15 @@ def read_dataset(cfg: Any, fmt: str):  # (InputConfig, str) -> ray.data.Dataset
 
 
 class PartSink(Datasink):
-    """Writes each write task's rows as one Parquet part, atomically, under a deterministic name."""
+    """Writes each write task's rows as Parquet parts of at most `rows_per_file` rows, each atomically,
+    under deterministic names.
 
-    def __init__(self, out_dir: str, run_id: str, min_rows_per_file: int | None = None):
-        self._out_dir, self._run_id, self._min_rows = out_dir, run_id, min_rows_per_file
+    Ray Data gathers blocks until a write task has at least `rows_per_file` rows (min_rows_per_write),
+    so a task may hold more (its blocks are batch_size rows): it writes them as several parts.
+    """
+
+    def __init__(self, out_dir: str, run_id: str, rows_per_file: int | None = None):
+        self._out_dir, self._run_id, self._rows_per_file = out_dir, run_id, rows_per_file
         self._endpoint = storage.endpoint()  # the driver's S3 endpoint, for write tasks on other hosts
 
     def write(self, blocks: Iterable[Block], ctx: Any) -> dict:
@@ -83,14 +88,18 @@ class PartSink(Datasink):
         tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
         tables = [t for t in tables if t.num_rows]
         if not tables:
-            return {"file": None, "rows": 0}
+            return {"files": [], "rows": 0}
         table = pa.concat_tables(tables, promote_options="permissive")
-        name = output.part_name(self._run_id, ctx.task_idx)
-        return {"file": name, "rows": output.write_part(table, self._out_dir, name)}
+        step = self._rows_per_file or table.num_rows
+        names, rows = [], 0
+        for piece, start in enumerate(range(0, table.num_rows, step)):
+            names.append(output.part_name(self._run_id, ctx.task_idx, piece))
+            rows += output.write_part(table.slice(start, step), self._out_dir, names[-1])
+        return {"files": names, "rows": rows}
 
     @property
     def min_rows_per_write(self) -> int | None:
-        return self._min_rows
+        return self._rows_per_file
 
     def get_name(self) -> str:
         return "WriteParts"

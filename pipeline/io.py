@@ -250,10 +250,15 @@ def hf_num_rows(path: str) -> int:
 
 def peek(cfg: InputConfig, fmt: str, max_files: int = 64) -> pa.Schema:
     """Schema of the first non-empty chunk of the input, read without Ray (for up-front checks)."""
+    return peek_rows(cfg, fmt, max_files).schema
+
+
+def peek_rows(cfg: InputConfig, fmt: str, max_files: int = 64) -> pa.Table:
+    """The first non-empty chunk of the input (up to CHUNK_ROWS rows), read without Ray."""
     if fmt == "hf":
         if hf_num_rows(cfg.path) == 0:
             raise JobConfigError(f"input.path: {cfg.path} has no rows")
-        return next(read_hf_range(cfg.path, 0, 1)).schema
+        return next(read_hf_range(cfg.path, 0, 1))
     if fmt == "hf" and storage.is_remote(cfg.path):
         raise JobConfigError(f"input.path: a saved `datasets` directory must be local ({cfg.path}); "
                              "export it to Parquet for object storage")
@@ -263,7 +268,7 @@ def peek(cfg: InputConfig, fmt: str, max_files: int = 64) -> pa.Schema:
             raw: Any = _maybe_gunzip(fh, Path(file))
             for table in read_file(fmt, raw, Path(file).name, cfg.prompt_column):
                 if table.num_rows:
-                    return table.schema
+                    return table
     raise JobConfigError(f"input.path: {cfg.path} has no rows (looked at {min(len(files), max_files)} files)")
 
 
@@ -433,20 +438,44 @@ def expand_samples(batch: pa.Table, num_samples: int) -> pa.Table:
     return _set(out, "id", ids)
 
 
-def ids_not_done(batch: pa.Table, id_column: str | None, done: pa.Array,
-                 schema: pa.Schema | None = None, num_samples: int = 1) -> pa.Table:
-    """The batch with its `id` column (one row per sample), less the rows whose id is in `done`
-    (written by earlier runs): resume and --limit thus work per (input id, sample).
+def prompts_not_done(batch: pa.Table, id_column: str | None, done: pa.Array,
+                     schema: pa.Schema | None = None, num_samples: int = 1) -> pa.Table:
+    """The batch with its `id` column, less the input rows whose every sample's id is in `done`
+    (written by earlier runs): --limit counts these prompts, each with all its samples.
 
     With `schema` (the union of the Parquet inputs' schemas) every batch gets the same columns and
     types first, so blocks of different files can be merged.
     """
     if schema is not None:
         batch = conform_to(batch, schema)
-    batch = expand_samples(assign_ids(batch, id_column), num_samples)
+    batch = assign_ids(batch, id_column)
+    if len(done) == 0:
+        return batch
+    ids = batch.column("id")
+    if num_samples == 1:
+        return batch.filter(pc.invert(pc.is_in(ids, value_set=done)))
+    finished = pc.is_in(pc.binary_join_element_wise(ids, "0", SAMPLE_SEP), value_set=done)
+    for k in range(1, num_samples):
+        finished = pc.and_(finished, pc.is_in(pc.binary_join_element_wise(ids, str(k), SAMPLE_SEP), value_set=done))
+    return batch.filter(pc.invert(finished))
+
+
+def samples_not_done(batch: pa.Table, done: pa.Array, num_samples: int = 1) -> pa.Table:
+    """One row per sample of each prompt (expand_samples), less the samples in `done` (a prompt that
+    a killed run left half-sampled gets only its missing samples)."""
+    if num_samples == 1:
+        return batch  # prompts_not_done already dropped the done ids
+    batch = expand_samples(batch, num_samples)
     if len(done) == 0:
         return batch
     return batch.filter(pc.invert(pc.is_in(batch.column("id"), value_set=done)))
+
+
+def ids_not_done(batch: pa.Table, id_column: str | None, done: pa.Array,
+                 schema: pa.Schema | None = None, num_samples: int = 1) -> pa.Table:
+    """The batch with its `id` column, one row per sample, less the rows whose id is in `done`
+    (prompts_not_done, then samples_not_done, without a --limit between them)."""
+    return samples_not_done(prompts_not_done(batch, id_column, done, schema, num_samples), done, num_samples)
 
 
 def _set(table: pa.Table, name: str, column: Any) -> pa.Table:

@@ -101,25 +101,31 @@ def explain_node_loss(e: BaseException, alive_at_start: dict[str, dict], list_no
     return lost_node_message(err, dead) if dead else None
 
 
-class _DropNodeLoss(logging.Filter):
-    """Drops a record logged while a lost node's error is handled (its exc_info, or the exception in flight)."""
+class _DropExplained(logging.Filter):
+    """Drops a record logged while an error the driver explains itself is handled (its exc_info, or the
+    exception in flight)."""
+
+    def __init__(self, explained: Callable[[BaseException | None], bool]) -> None:
+        super().__init__()
+        self.explained = explained
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else sys.exc_info()[1]
-        return node_loss_error(exc) is None
+        return not self.explained(exc)
 
 
 @contextmanager
-def quiet_node_loss_traces() -> Iterator[None]:
-    """Within the block, Ray Data's console report of a lost node's error is left out (its log file keeps it):
-    the driver says what happened in one paragraph; any other error is shown as Ray Data shows it.
+def quiet_ray_data_traces(explained: Callable[[BaseException | None], bool]) -> Iterator[None]:
+    """Within the block, Ray Data's console report of an error that `explained` accepts is left out (its
+    log file, `<session>/logs/ray-data/`, keeps it): the driver says what happened in one paragraph;
+    any other error is shown as Ray Data shows it.
 
     The filter sits on Ray Data's console handlers (those with its HiddenRecordFilter), not on loggers: a
     logger's filters see only its own records, and the executor's modules are imported once it runs.
     """
     consoles = [h for h in logging.getLogger("ray.data").handlers
                 if any(type(f).__name__ == "HiddenRecordFilter" for f in h.filters)]
-    drop = _DropNodeLoss()
+    drop = _DropExplained(explained)
     for handler in consoles:
         handler.addFilter(drop)
     try:
@@ -127,6 +133,11 @@ def quiet_node_loss_traces() -> Iterator[None]:
     finally:
         for handler in consoles:
             handler.removeFilter(drop)
+
+
+def quiet_node_loss_traces() -> Any:
+    """quiet_ray_data_traces for a lost node's errors."""
+    return quiet_ray_data_traces(lambda e: node_loss_error(e) is not None)
 
 
 def nodes_now() -> list[dict[str, Any]]:

@@ -24,7 +24,7 @@ from pipeline.config import JobConfigError
 from pipeline.schema import LEGACY_MANIFEST, MANIFEST, OUTPUT_COLUMNS, OUTPUT_SCHEMA
 
 TMP_SUFFIX = ".tmp"
-PART_NAME = re.compile(r"part-.+-\d{6}\.parquet")  # what part_name() makes
+PART_NAME = re.compile(r"part-.+-\d{6}\.parquet")  # what part_name() makes (and older runs' part-<run>-<task>)
 
 
 def filesystem(out_dir: str) -> tuple[pafs.FileSystem, str]:
@@ -37,9 +37,9 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
 
 
-def part_name(run_id: str, task_idx: int) -> str:
-    """File name of one write task's part (deterministic, so a retried task overwrites, never adds)."""
-    return f"part-{run_id}-{task_idx:06d}.parquet"
+def part_name(run_id: str, task_idx: int, piece: int = 0) -> str:
+    """File name of one piece of one write task's rows (deterministic, so a retried task overwrites, never adds)."""
+    return f"part-{run_id}-{task_idx:06d}-{piece:06d}.parquet"
 
 
 def conform(table: pa.Table) -> pa.Table:
@@ -70,6 +70,31 @@ def write_part(table: pa.Table, out_dir: str, name: str) -> int:
         _delete_quietly(fs, tmp)
         raise OutputWriteError(f"output.dir: cannot write {name} into {out_dir}: {e}") from e
     return table.num_rows
+
+
+def what_is_kept(out_dir: str) -> str:
+    """After a failed write, what the output still holds, checked now (not assumed), and what to do:
+    a deleted bucket or directory took the parts written before the failure with it."""
+    rerun = "Make output.dir writable (or free space) and rerun the same command: it "
+    if storage.is_remote(out_dir):
+        fs, base = filesystem(out_dir)
+        bucket = base.split("/", 1)[0]
+        try:
+            gone = fs.get_file_info(bucket).type == pafs.FileType.NotFound
+        except OSError as e:
+            return f"whether the parts written so far are kept cannot be checked now ({e}). {rerun}resumes"
+        if gone:
+            return (f"the bucket {bucket!r} is gone, and with it every part written so far: nothing of this "
+                    "output is kept. Recreate the bucket and rerun the same command: it starts over")
+    try:
+        parts = part_files(out_dir)
+    except (OSError, JobConfigError) as e:
+        return (f"whether the parts written so far are kept cannot be checked now ({e}). {rerun}resumes with "
+                "the rows its parts lack")
+    if not parts:
+        return f"{out_dir} holds no part now: nothing of this output is kept. {rerun}starts over"
+    return (f"{len(parts)} complete parts written before the failure are kept in {out_dir}. {rerun}resumes "
+            "with the missing rows")
 
 
 def check_writable(out_dir: str) -> None:

@@ -7,13 +7,14 @@
 Everything that can be wrong with the configuration, the input's columns or the output directory
 is checked before Ray starts. Resume: the ids in the output directory's visible Parquet parts are
 skipped (parts appear atomically, see `pipeline.output`), so rerunning a job processes only what
-is missing and a completed rerun writes nothing.
+is missing and a completed rerun writes nothing. A run holds the output's lock (`pipeline.lock`)
+from before it reads the output to the end, and says `complete` only where the parts hold every
+input id (`pipeline.completeness`); the manifest alone is never trusted for that.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import platform
 import signal
@@ -21,6 +22,7 @@ import socket
 import sys
 import threading
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,10 +31,14 @@ from typing import Any, Callable
 import pyarrow as pa
 
 from pipeline import io as pio
-from pipeline import leftovers, nodes, output, storage
+from pipeline import completeness, console, leftovers, nodes, output, storage
+from pipeline.lock import OutputLock
 from pipeline.actor import ActorSpec
+from pipeline.resources import Resources, resolve_resources  # noqa: F401 (tests import them from here)
 from pipeline.config import JobConfig, JobConfigError
-from pipeline.stage import NOT_IN_SETTINGS, DecodeStage, StageConfig, StagePlan, plan_stage  # noqa: F401
+from pipeline.stage import (NOT_IN_SETTINGS, DecodeStage, StageConfig, StagePlan, check_chat_template,  # noqa: F401
+                            plan_stage)
+from prophet.config import CalibrationWarning
 
 VERSIONED = ("prophet-dlm", "torch", "ray", "deepspeed", "pyarrow", "datasets", "pydantic", "tokenizers",
              "safetensors", "transformers")
@@ -98,10 +104,17 @@ class Summary:
     total_rows: int               # rows in the output directory now
     unique_ids: int
     wall_s: float
-    status: str                   # "complete", "partial" (a limit was set) or "nothing to do"
+    status: str                   # "complete", "partial" (a limit was set), "incomplete" (input ids
+                                  # missing from the output: rerun) or "nothing to do"
     settings_hash: str
     run_id: str
     extra: dict = field(default_factory=dict)
+    input_ids: int | None = None  # ids the input gives (rows x num_samples)
+    output_ids: int | None = None  # of those, how many the output's parts hold (ok or error rows)
+    missing_ids: int | None = None
+    duplicate_rows: int | None = None  # rows whose id another row of the output already has
+    missing_examples: list = field(default_factory=list)
+    problem: str | None = None    # why the output is not complete and what to do (status "incomplete")
 
     @property
     def rows_per_s(self) -> float:
@@ -116,9 +129,28 @@ class Summary:
     def text(self) -> str:
         """A few lines for people."""
         return (f"{self.status}: {self.rows} rows written ({self.ok} ok, {self.errors} errors), {self.skipped} "
-                f"already done; {self.output} holds {self.total_rows} rows, {self.unique_ids} distinct ids\n"
+                f"already done; {self.output} holds {self.total_rows} rows, {self.unique_ids} distinct ids"
+                f"{self._ids_text()}\n"
                 f"wall {self.wall_s:.1f}s, {self.rows_per_s:.2f} rows/s, settings {self.settings_hash}"
-                + self._fallback_text())
+                + self._fallback_text() + (f"\n{self.problem}" if self.problem else ""))
+
+    def with_ids(self, found: completeness.Completeness) -> "Summary":
+        """This summary with the output's input-id counts (see pipeline.completeness)."""
+        self.input_ids, self.output_ids = found.input_ids, found.output_ids
+        self.missing_ids, self.duplicate_rows = found.missing_ids, found.duplicate_rows
+        self.missing_examples = found.missing_examples
+        return self
+
+    def _ids_text(self) -> str:
+        if self.input_ids is None:
+            return ""
+        line = f": {self.output_ids} of the input's {self.input_ids} ids"
+        if self.missing_ids:
+            more = ", ..." if self.missing_ids > len(self.missing_examples) else ""
+            line += f", {self.missing_ids} missing ({', '.join(self.missing_examples)}{more})"
+        if self.duplicate_rows:
+            line += f", {self.duplicate_rows} rows repeating an id"
+        return line
 
     def _fallback_text(self) -> str:
         """A line on batches decoded row by row (a slow path that must not stay silent), or nothing."""
@@ -141,9 +173,11 @@ def plan_job(cfg: JobConfig) -> Plan:
     schema = None
     if fmt == "parquet":
         schema = pio.check_parquet_files(cfg.input)
-    pio.check_columns(cfg.input, pio.peek(cfg.input, fmt))
+    rows = pio.peek_rows(cfg.input, fmt)
+    pio.check_columns(cfg.input, rows.schema)
     pio.check_unique_ids(cfg.input, fmt)
     sp = plan_stage(cfg)
+    check_chat_template(StageConfig.from_job(cfg), sp.chat_template, rows)
     return Plan(cfg, fmt, sp.decode, sp.settings, sp.settings_hash, _input_fingerprint(cfg.input.path), schema,
                 sp.chat_template, sp.token_ids)
 
@@ -159,48 +193,6 @@ def _check_paths(cfg: JobConfig) -> None:
         raise JobConfigError(f"output.dir: {cfg.output.dir} is the input or inside it; choose another directory")
     if out in inp.parents:
         raise JobConfigError(f"output.dir: {cfg.output.dir} holds the input {cfg.input.path}; choose another directory")
-
-
-def _model_facts(cfg: JobConfig) -> tuple[str, tuple[int, ...]]:
-    """(the family's default host, the anchor's token ids); the whole directory is checked, weights unread."""
-    from prophet.models import ModelLoadError, Tokenizer
-    from prophet.models.hf import check_remote_code
-    from prophet.models.loading import check_model_dir, native_family, read_config
-
-    m = cfg.model
-    try:
-        check_remote_code(m.trust_remote_code, m.revision)
-    except ModelLoadError as e:
-        raise JobConfigError(f"model.revision: {e}") from None
-    try:
-        check_model_dir(m.dir, allow_pickle=m.allow_pickle, trust_remote_code=m.trust_remote_code, revision=m.revision)
-        family = native_family(read_config(Path(cfg.model.dir)))
-        host = family[0].default_host if family else "llada"
-        anchor = cfg.decoding.anchor
-        ids = tuple(Tokenizer.from_dir(cfg.model.dir).encode(anchor)) if anchor is not None else ()
-    except ModelLoadError as e:
-        raise JobConfigError(f"model.dir: {e}") from None
-    if anchor is not None and not ids:
-        raise JobConfigError(f"decoding.anchor: {anchor!r} has no tokens in this model's tokenizer")
-    return host, ids
-
-
-def _model_fingerprint(model_dir: str, sample: int = 1 << 20) -> str:
-    """Hash of the model directory's files: names, sizes, and the first and last MiB of each.
-
-    Retrained weights keep their sizes but change everywhere, so the samples tell them apart;
-    reading all of an 8B model's 16 GB would cost more than the check is worth.
-    """
-    digest = hashlib.sha256()
-    for p in sorted(q for q in Path(model_dir).iterdir() if q.is_file()):
-        size = p.stat().st_size
-        digest.update(f"{p.name}:{size}".encode())
-        with open(p, "rb") as f:
-            digest.update(f.read(sample))
-            if size > 2 * sample:
-                f.seek(size - sample)
-                digest.update(f.read(sample))
-    return digest.hexdigest()[:16]
 
 
 def _input_fingerprint(path: str) -> str | None:
@@ -289,35 +281,6 @@ def connect_ray(cfg: JobConfig, log: Callable[[str], None] = print) -> bool:
     return False
 
 
-@dataclass(frozen=True)
-class Resources:
-    """Per-actor resources decided from the config and the cluster."""
-
-    cpus: float
-    gpus: float
-    threads: int
-
-
-def resolve_resources(cfg: JobConfig, cluster: dict, node_cpus: float | None = None) -> Resources:
-    """Per-actor CPUs/GPUs; on CPU, refuse a pool that would leave no CPU for read/write tasks.
-
-    `node_cpus` (the largest node's CPUs) caps the default share, so an actor fits on one node.
-    """
-    ex = cfg.execution
-    total = float(cluster.get("CPU", 0))
-    if ex.gpus_per_actor > 0:
-        cpus = ex.cpus_per_actor or 1.0
-    else:
-        # the deadlock trap: actors holding every logical CPU starve the read and write tasks
-        share = max(total - 1, total / 2) / ex.actors
-        cpus = ex.cpus_per_actor or math.floor(100 * min(share, node_cpus or share)) / 100
-        if cpus <= 0 or ex.actors * cpus > total - 0.25:
-            raise JobConfigError(f"execution: {ex.actors} actors x {cpus} CPUs leave no CPU of the cluster's "
-                                 f"{total:g} for read/write tasks (the job would hang): lower "
-                                 "execution.cpus_per_actor (fractions allowed) or execution.actors")
-    return Resources(cpus=cpus, gpus=ex.gpus_per_actor, threads=max(1, round(cpus)))
-
-
 def decode_stage(plan: Plan, res: Resources, fallback_counter: str | None = None) -> DecodeStage:
     """The job's decode stage: the one users put in their own Ray Data pipelines (pipeline.stage),
     given this job's plan and resources; the job's reader has already assigned the ids."""
@@ -332,16 +295,21 @@ def actor_spec(plan: Plan, res: Resources) -> ActorSpec:
 
 
 def build_dataset(plan: Plan, res: Resources, done: Any, run_id: str, fallback_counter: str | None = None):
-    """read -> ids, drop done -> (limit) -> the decode stage -> (dataset, sink); nothing runs yet."""
+    """read -> ids, drop done prompts -> (limit) -> samples -> the decode stage -> (dataset, sink); nothing
+    runs yet. The limit counts prompts, so --limit 20 --num-samples 3 writes 60 rows."""
     from pipeline.datasources import PartSink, read_dataset
 
     cfg = plan.cfg
+    n = cfg.decoding.num_samples
     ds = read_dataset(cfg.input, plan.fmt)
-    ds = ds.map_batches(pio.ids_not_done, batch_format="pyarrow", batch_size=None,
+    ds = ds.map_batches(pio.prompts_not_done, batch_format="pyarrow", batch_size=None,
                         fn_kwargs={"id_column": cfg.input.id_column, "done": done, "schema": plan.input_schema,
-                                   "num_samples": cfg.decoding.num_samples})
+                                   "num_samples": n})
     if cfg.input.limit:
         ds = ds.limit(cfg.input.limit)
+    if n > 1:
+        ds = ds.map_batches(pio.samples_not_done, batch_format="pyarrow", batch_size=None,
+                            fn_kwargs={"done": done, "num_samples": n})
     return decode_stage(plan, res, fallback_counter)(ds), PartSink(cfg.output.dir, run_id, cfg.execution.rows_per_file)
 
 
@@ -386,9 +354,12 @@ def _pool_did_not_start(cfg: JobConfig, cluster: dict, res: Resources) -> Pipeli
 def execute(ds: Any, sink: Any, cfg: JobConfig, cluster: dict, res: Resources,
             alive_at_start: dict[str, dict] | None = None) -> None:
     """Run the pipeline; a pool that cannot start (no GPU, say) fails within the configured wait, and
-    a node of `alive_at_start` (`pipeline.nodes.alive_nodes`) lost mid-job stops it with an error naming the node."""
+    a node of `alive_at_start` (`pipeline.nodes.alive_nodes`) lost mid-job stops it with an error naming the node.
+    Ray's error-level line about the pool's restart arguments stays out of the console (pipeline.console: it
+    does not apply here)."""
+    explained = lambda e: nodes.node_loss_error(e) is not None or _write_failure(e) is not None  # noqa: E731
     try:
-        with nodes.quiet_node_loss_traces():
+        with nodes.quiet_ray_data_traces(explained), console.stderr_without(console.RESTART_ARGS_WARNING):
             ds.write_datasink(sink)
     except Exception as e:
         lost = nodes.explain_node_loss(e, alive_at_start or {}, nodes.nodes_now)
@@ -397,12 +368,21 @@ def execute(ds: Any, sink: Any, cfg: JobConfig, cluster: dict, res: Resources,
         failed_write = _write_failure(e)
         if failed_write is not None:
             first_line = str(failed_write).splitlines()[0]  # Ray appends its retry advice below
-            raise PipelineError(f"{first_line}. Rows written before the failure are kept in complete parts; "
-                                "make output.dir writable (or free space) and rerun the same command: it "
-                                "resumes with the missing rows") from None
+            raise PipelineError(f"{first_line}. The job stopped; {output.what_is_kept(cfg.output.dir)}."
+                                f"{_ray_data_log()}") from None
         if "Timed out while starting actors" not in f"{e!r} {e.__cause__!r}":
             raise
         raise _pool_did_not_start(cfg, cluster, res) from None
+
+
+def _ray_data_log() -> str:
+    """' Ray's own trace: <its log folder>' where Ray says where its session logs are, else ''."""
+    try:
+        from ray._private.worker import global_worker  # no public API names the session's log folder
+
+        return f" Ray's own trace: {global_worker.node.get_logs_dir_path()}/ray-data/"
+    except Exception:  # a private attribute that moved: the message is complete without it
+        return ""
 
 
 def _write_failure(e: BaseException | None) -> output.OutputWriteError | None:
@@ -424,20 +404,33 @@ def _write_failure(e: BaseException | None) -> output.OutputWriteError | None:
 def run(cfg: JobConfig, log: Callable[[str], None] = print) -> Summary:
     """Run a generation job to the end (or resume it); returns what this run did."""
     t0 = time.time()
-    plan = plan_job(cfg)
+    plan = _plan_logging_calibration_warnings(cfg, log)
     if cfg.decoding.num_samples > 1 and samples_identical(plan.decode):
         log(f"warning: decoding.num_samples={cfg.decoding.num_samples} with temperature 0, alg_temp 0 and "
             "low-confidence remasking: every sample of a row will be identical; set --temperature > 0 "
             "(or --remasking random) to draw different ones")
-    old, complete = prepare_output(plan)
-    out = cfg.output.dir
+    output.check_writable(cfg.output.dir)  # before Ray starts: an unwritable directory fails in seconds, not after a load
     run_id = output.new_run_id()
+    # one run at a time per output, before the output is read: two would both write the same missing rows
+    with OutputLock(cfg.output.dir, run_id, log) as lock:
+        lock.acquire(break_lock=cfg.output.break_lock)
+        return _run_locked(plan, run_id, lock, t0, log)
+
+
+def _run_locked(plan: Plan, run_id: str, lock: OutputLock, t0: float, log: Callable[[str], None]) -> Summary:
+    """The run, holding the output's lock: resume, decode on Ray, check the output holds every input id."""
+    cfg, out = plan.cfg, plan.cfg.output.dir
+    old, complete = prepare_output(plan)
+    expected = completeness.input_ids(cfg.input, plan.fmt, cfg.decoding.num_samples)
     if complete:
-        counts = output.count_rows(out)
-        log(f"{out}: already complete for this input and settings; nothing to do")
-        return Summary(out, 0, 0, 0, counts["rows"], counts["rows"], counts["unique_ids"], time.time() - t0,
-                       "nothing to do", plan.settings_hash, run_id)
-    output.check_writable(out)  # before Ray starts: an unwritable directory fails in seconds, not after a load
+        found = completeness.check(expected, out)
+        if found.complete:
+            counts = output.count_rows(out)
+            log(f"{out}: already complete for this input and settings; nothing to do")
+            return Summary(out, 0, 0, 0, counts["rows"], counts["rows"], counts["unique_ids"], time.time() - t0,
+                           "nothing to do", plan.settings_hash, run_id).with_ids(found)
+        log(f"{out}: the manifest says complete, but the parts hold {found.output_ids} of the input's "
+            f"{found.input_ids} ids (a part file deleted or lost?): decoding the {found.missing_ids} missing ones")
     removed = output.remove_temp_files(out)
     done = output.done_ids(out)
     if removed or len(done):
@@ -452,13 +445,41 @@ def run(cfg: JobConfig, log: Callable[[str], None] = print) -> Summary:
     except (pa.ArrowInvalid, pa.ArrowTypeError) as e:  # the rows are complete; only one-schema readers mind
         log(f"{out}: parts differ in column types and were left as they are ({e})")
     counts = output.count_rows(out, run_id=run_id)
-    status = "partial" if cfg.input.limit else "complete"
+    found = completeness.check(expected, out)
     summary = Summary(out, counts["run_rows"], counts["run_ok"], counts["run_rows"] - counts["run_ok"], len(done),
-                      counts["rows"], counts["unique_ids"], time.time() - t0, status, plan.settings_hash, run_id,
-                      extra={"batch_fallbacks": fallbacks})
-    _finish_manifest(manifest, summary, counts)
+                      counts["rows"], counts["unique_ids"], time.time() - t0, "complete", plan.settings_hash, run_id,
+                      extra={"batch_fallbacks": fallbacks}).with_ids(found)
+    summary.status, summary.problem = _verdict(cfg, found, lock.lost)
+    _finish_manifest(manifest, summary, {**counts, **found.to_dict()})
     output.write_manifest(out, manifest)
     return summary
+
+
+def _verdict(cfg: JobConfig, found: completeness.Completeness, lock_lost: str | None) -> tuple[str, str | None]:
+    """(status, problem) of a finished run: complete only where the parts hold every input id."""
+    if lock_lost is not None:
+        return "incomplete", (f"{lock_lost} mid-run, so rows may have been written twice; let that run end, "
+                              "then rerun this command: it checks the output and decodes what is missing")
+    if cfg.input.limit:
+        return "partial", None
+    if not found.complete:
+        return "incomplete", (f"the output lacks {found.missing_ids} of the input's {found.input_ids} ids (parts "
+                              "deleted or lost while the job ran?): rerun the same command to decode them")
+    return "complete", None
+
+
+def _plan_logging_calibration_warnings(cfg: JobConfig, log: Callable[[str], None]) -> Plan:
+    """plan_job, with a calibration's path warning (prophet.config.CalibrationWarning) said once in the
+    job's log, where the user reads the rest; other warnings go on as they came."""
+    with warnings.catch_warnings(record=True) as caught:  # the other filters stay as the caller set them
+        warnings.simplefilter("always", CalibrationWarning)
+        plan = plan_job(cfg)
+    for w in caught:
+        if issubclass(w.category, CalibrationWarning):
+            log(f"warning: {w.message}")
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    return plan
 
 
 def _run_on_ray(plan: Plan, done: Any, run_id: str, t0: float, old: dict | None,
@@ -545,10 +566,11 @@ def _manifest(plan: Plan, old: dict | None, run_id: str, t0: float, cluster: dic
 def _finish_manifest(manifest: dict, s: Summary, counts: dict) -> None:
     end = time.time()
     manifest["runs"][-1].update({"ended_at": end, "wall_s": round(s.wall_s, 3), "rows": s.rows, "ok": s.ok,
-                                 "errors": s.errors, "skipped": s.skipped, "status": s.status,
+                                 "errors": s.errors, "skipped": s.skipped, "status": s.status, "problem": s.problem,
                                  "batch_fallbacks": s.extra.get("batch_fallbacks")})
     manifest.update({"status": s.status, "ended_at": end, "ended_at_iso": _iso(end), "wall_s": round(s.wall_s, 3),
-                     "rows": {k: counts[k] for k in ("rows", "ok", "errors", "unique_ids", "files")},
+                     "rows": {k: counts[k] for k in ("rows", "ok", "errors", "unique_ids", "files", "input_ids",
+                                                     "output_ids", "missing_ids", "duplicate_rows")},
                      "batch_fallbacks": s.extra.get("batch_fallbacks")})
 
 

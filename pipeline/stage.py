@@ -32,6 +32,8 @@ from pipeline import io as pio
 from pipeline.actor import ActorSpec
 from pipeline.config import (DecodingConfig, ExecutionConfig, JobConfig, JobConfigError, ModelConfig, _Section,
                              format_validation_error, settings_hash)
+from pipeline.facts import model_facts, model_fingerprint
+from pipeline.resources import resolve_resources
 
 # DecodeConfig fields that change how fast rows decode, never what they decode to (the core
 # guarantees batch-independence), so a resumed job may change them.
@@ -83,17 +85,15 @@ class StagePlan:
 
 def plan_stage(cfg: StageConfig | JobConfig) -> StagePlan:
     """Check the model directory and the decoding settings (no weights read); JobConfigError names the field."""
-    from pipeline.run import _model_facts, _model_fingerprint  # run imports this module
-
     stage = cfg if isinstance(cfg, StageConfig) else StageConfig.from_job(cfg)
     if "://" not in stage.model.dir and not Path(stage.model.dir).is_dir():
         raise JobConfigError(f"model.dir: no such directory {stage.model.dir}")
-    host, anchor_ids = _model_facts(stage)
+    host, anchor_ids = model_facts(stage)
     template = uses_template(stage)
     decode = stage.decode_config(host, anchor_ids).to_dict()
     check_block_length(stage, decode)
     settings = {"decode": {k: v for k, v in decode.items() if k not in NOT_IN_SETTINGS},
-                "model": Path(stage.model.dir).resolve().name, "model_files": _model_fingerprint(stage.model.dir),
+                "model": Path(stage.model.dir).resolve().name, "model_files": model_fingerprint(stage.model.dir),
                 "dtype": stage.dtype, "seed": stage.execution.seed, "prompt": stage.prompt_setting(template)}
     if stage.decoding.num_samples != 1:  # a rerun with another num_samples is a settings change (refused)
         settings["num_samples"] = stage.decoding.num_samples
@@ -137,6 +137,40 @@ def uses_template(cfg: StageConfig) -> bool:
         raise JobConfigError(f"input.chat_template: 'always', but {cfg.model.dir} has no chat template "
                              "(tokenizer_config.json 'chat_template' or chat_template.jinja); use 'never'")
     return found
+
+
+TEMPLATE_TRIES = 8  # rows tried before a template that fails on each of them is refused
+
+
+def check_chat_template(cfg: StageConfig, template: bool, rows: pa.Table) -> None:
+    """Render the first rows of the input through the model's chat template before any worker starts:
+    a template that fails on every row tried (one that always raises) is refused with its own message,
+    instead of a job that loads the model everywhere and ends with every row an error row."""
+    from pipeline.actor import prompt_text
+    from prophet.models import ModelLoadError, Tokenizer
+
+    if not (template or cfg.messages_column):
+        return
+    try:
+        render = Tokenizer.from_dir(cfg.model.dir).render_chat
+    except ModelLoadError:
+        return  # a tokenizer only transformers reads: its actors report template errors row by row
+    failures = []
+    for row in rows.slice(0, 64).to_pylist():
+        _, error = prompt_text(row.get(cfg.prompt_column), row.get(cfg.messages_column or ""),
+                               cfg.messages_column is not None, render, template)
+        if error is None:
+            return
+        if error.startswith("chat template failed"):
+            failures.append(error)
+            if len(failures) == TEMPLATE_TRIES:
+                break
+    if failures:
+        fix = ("fix the template" if cfg.messages_column else
+               "fix the template, or set input.chat_template: never to send the prompts as they are")
+        raise JobConfigError(f"model.dir: the chat template of {cfg.model.dir} (tokenizer_config.json "
+                             f"'chat_template' or chat_template.jinja) failed on each of the first "
+                             f"{len(failures)} rows of the input; the first: {failures[0].removeprefix('chat template failed: ')}. {fix}")
 
 
 def token_ids(model_dir: str) -> dict:
@@ -184,7 +218,6 @@ class DecodeStage:
             import ray
 
             from pipeline import nodes
-            from pipeline.run import resolve_resources
 
             if not ray.is_initialized():
                 ray.init()  # what Ray Data does on first use: a local Ray, or RAY_ADDRESS's cluster

@@ -9,6 +9,7 @@ to Ray workers (the sink, the datasource's file system) carry it, so workers nee
 """
 from __future__ import annotations
 
+import functools
 import os
 from urllib.parse import urlparse
 
@@ -35,24 +36,43 @@ def use_endpoint(url: str | None) -> None:
 
 def filesystem(path: str, endpoint_url: str | None = None) -> tuple[pafs.FileSystem, str]:
     """(file system, path inside it): a LocalFileSystem and an absolute path, or an S3FileSystem and
-    'bucket/prefix'. Schemes other than s3 go to pyarrow's own URI parsing (gs://, hdfs://)."""
+    'bucket/prefix'. Schemes other than s3 go to pyarrow's own URI parsing (gs://, hdfs://).
+
+    A remote path is resolved once per process (per endpoint and region): the checks before Ray, the
+    resume scan and the manifest all ask for the output directory's file system, and each would
+    otherwise build its own client."""
     path = str(path)
     if not is_remote(path):
-        return pafs.LocalFileSystem(), os.path.abspath(path)
+        return _LOCAL, os.path.abspath(path)  # the working directory may change: not cached
+    return _remote(path, endpoint_url or endpoint(), _region())
+
+
+_LOCAL = pafs.LocalFileSystem()
+
+
+@functools.lru_cache(maxsize=64)
+def _remote(path: str, url: str | None, region: str | None) -> tuple[pafs.FileSystem, str]:
     scheme, rest = path.split("://", 1)
     if scheme not in ("s3", "s3a"):
         return pafs.FileSystem.from_uri(path)
-    return s3(endpoint_url), rest.strip("/")
+    return _s3(url, region), rest.strip("/")
 
 
 def s3(endpoint_url: str | None = None) -> pafs.S3FileSystem:
     """An S3FileSystem for the configured endpoint ('http://host:port' or 'host:port' = https)."""
-    url = endpoint_url or endpoint()
+    return _s3(endpoint_url or endpoint(), _region())
+
+
+def _region() -> str | None:
+    return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+
+
+@functools.lru_cache(maxsize=16)
+def _s3(url: str | None, region: str | None) -> pafs.S3FileSystem:
     kwargs: dict = {}
     if url:
         parsed = urlparse(url if "://" in url else f"https://{url}")
         kwargs = {"endpoint_override": parsed.netloc, "scheme": parsed.scheme}
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     if region:
         kwargs["region"] = region
     return pafs.S3FileSystem(**kwargs)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal, get_args
@@ -172,19 +173,41 @@ class DecodeConfig:
         return d
 
 
+# What a calibration's thresholds mean: the gap is read on these windows, at this step progress of
+# this step budget, in these blocks, on this host's schedule. Thresholds fitted under other values
+# are numbers for another quantity: refused.
+MEANING_FIELDS = ("host", "gen_length", "steps", "block_length", "progress")
+# The path the canvas takes: which token is drawn and which position commits next. The gap is still
+# read on the raw logits (before any Gumbel noise or reordering), so the thresholds keep their
+# meaning; only the accuracy and steps the calibration measured may not carry over: warned.
+PATH_FIELDS = ("temperature", "remasking", "alg", "confidence_eos_eot_inf")
+
+
+class CalibrationWarning(UserWarning):
+    """A calibration is used on another sampling path than the one it was measured on."""
+
+
 def check_calibrated_with(cfg: DecodeConfig, fitted: dict | None, path: str | Path) -> None:
-    """Refuse thresholds fitted under other decoding settings: every field the calibration recorded
-    (LLaDA's remasking only for the LLaDA host, Dream's alg only for Dream; a file without
-    `progress` was fitted with "exact") must equal this config's, else ConfigError naming them."""
+    """Refuse thresholds fitted under settings that change what they mean (MEANING_FIELDS, or any
+    recorded field not in PATH_FIELDS), ConfigError naming them; warn (CalibrationWarning) where
+    only the path differs (PATH_FIELDS). LLaDA's remasking counts only for the LLaDA host, Dream's
+    alg only for Dream; a file without `progress` was fitted with "exact"."""
     if not fitted:
         return
     fitted = {"progress": "exact", **fitted}
     skip = {"llada": {"alg"}, "dream": {"remasking"}, "block": {"alg", "remasking"}}[cfg.host]
-    differ = [f"{k} (calibrated {v!r}, here {getattr(cfg, k)!r})" for k, v in fitted.items()
-              if k not in skip and hasattr(cfg, k) and getattr(cfg, k) != v]
-    if differ:
-        raise ConfigError(f"{path} was calibrated under other settings: {'; '.join(differ)}. Decode with the "
+    differ = {k: f"{k} (calibrated {v!r}, here {getattr(cfg, k)!r})" for k, v in fitted.items()
+              if k not in skip and hasattr(cfg, k) and getattr(cfg, k) != v}
+    refused = [d for k, d in differ.items() if k not in PATH_FIELDS]
+    if refused:
+        raise ConfigError(f"{path} was calibrated under other settings: {'; '.join(refused)}. Decode with the "
                           "calibrated settings, recalibrate (jobs/calibrate.py), or pass thresholds explicitly")
+    if differ:
+        warnings.warn(f"{path} was calibrated on another sampling path: {'; '.join(differ.values())}. Its "
+                      "thresholds keep their meaning (the gap is read on the logits before sampling), but the "
+                      "accuracy and steps it measured were not measured here; to fit them on this path, "
+                      "recalibrate with these settings (jobs/calibrate.py --temperature), or pass thresholds "
+                      "explicitly", CalibrationWarning, stacklevel=3)
 
 
 def _check_block_host(cfg: DecodeConfig) -> None:

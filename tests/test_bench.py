@@ -125,15 +125,36 @@ def test_bench_cache_section_counts_the_positions_each_cache_runs():
     assert 0 < out["dual_wall_ratio"] and 0 < out["prefix_wall_ratio"]
 
 
-def test_bench_gpu_section_runs_the_tiny_model_on_cpu():
-    bench = load_job("bench")
-    out = bench.main(["--section", "gpu", "--gpu-model", "tiny", "--gpu-prompt", "8", "--gpu-window", "16",
-                      "--gpu-block", "8", "--gpu-steps", "4", "--gpu-slots", "2", "--forward-shapes", "1x16",
-                      "--repeats", "1"])["gpu"]
+GPU_TINY = ["--section", "gpu", "--gpu-model", "tiny", "--gpu-prompt", "8", "--gpu-window", "16", "--gpu-block", "8",
+            "--gpu-steps", "4", "--gpu-slots", "2", "--forward-shapes", "1x16", "--repeats", "1",
+            "--gpu-llada2-rows", "2,4", "--gpu-llada2-prefix", "16", "--gpu-llada2-window", "16",
+            "--gpu-llada2-slots", "2"]
+
+
+def test_bench_gpu_section_runs_the_tiny_models_on_cpu():
+    out = load_job("bench").main(GPU_TINY)["gpu"]
     assert len(out["decode"]) == 9 and all(r["forward_tokens"] > 0 for r in out["decode"])
     by = {(r["cache"], r["rule"]): r for r in out["decode"]}
     assert by["dual", "full"]["forward_tokens"] < by["prefix", "full"]["forward_tokens"] < \
         by["none", "full"]["forward_tokens"]
+    # LLaDA2 (tiny: 2 layers, the first dense, blocks of 8): one block after a 16-position cache,
+    # the one MoE layer timed alone on that forward's hidden states
+    two = out["llada2"]
+    assert [(f["rows"], f["positions"], f["prefix"], f["moe_layers"]) for f in two["forward"]] == [(2, 8, 16, 1),
+                                                                                               (4, 8, 16, 1)]
+    assert all(f["seconds"] > 0 and f["moe_seconds"] > 0 for f in two["forward"])
+    # block host, prompt 16 = 2 whole blocks, window 16 = 2 blocks of 8 steps: a prefill (16 positions),
+    # 16 one-block passes and one store pass per row; random weights never clear a threshold
+    assert [(r["cache"], r["rule"]) for r in two["decode"]] == [("exact", "full"), ("exact", "confidence_threshold"),
+                                                                ("exact", "prophet")]
+    for r in two["decode"]:
+        assert r["mean_steps"] == 1 + 16 + 1 and r["forward_tokens"] == 2 * (16 + 16 * 8 + 8)
+
+
+def test_bench_gpu_section_starts_no_decode_once_its_budget_is_spent():
+    out = load_job("bench").main(GPU_TINY + ["--gpu-budget-s", "0"])["gpu"]
+    assert [r.get("skipped") for r in out["decode"] + out["llada2"]["decode"]] == ["time budget spent"] * 12
+    assert len(out["llada2"]["forward"]) == 2  # the forwards are measured regardless
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="refusal is for machines without a GPU")

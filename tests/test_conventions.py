@@ -1,12 +1,13 @@
 """The reference decoders' conventions that the project offers as options (issue 11), and the
-calibration contract: thresholds refuse to run under settings they were not fitted with."""
+calibration contract: thresholds refuse to run under settings that change what they mean, and warn
+under settings that change only the sampling path."""
 import json
 
 import pytest
 import torch
 
 from pipeline.config import JobConfigError, load_job_config
-from prophet.config import ConfigError, DecodeConfig
+from prophet.config import CalibrationWarning, ConfigError, DecodeConfig
 from prophet.schedules import prophet_tau
 from tests.test_decode import check_against_oracle, prompts_for
 from tests.test_pipeline import base
@@ -69,3 +70,19 @@ def test_a_calibration_refuses_settings_it_was_not_fitted_with(tmp_path):
     job = base(tmp_path, **{"decoding.calibration": str(path), "decoding.gen_length": 32, "decoding.steps": 32})
     with pytest.raises(JobConfigError, match="decoding: .*gen_length .calibrated 24, here 32"):
         load_job_config(None, job).decode_config("llada")
+
+
+def test_a_calibration_warns_once_where_only_the_sampling_path_differs(tmp_path):
+    path = calibration(tmp_path)
+    with pytest.warns(CalibrationWarning) as w:
+        got = DecodeConfig(gen_length=24, steps=24, confidence_eos_eot_inf=True, temperature=0.7).with_calibration(path)
+    assert got.thresholds == (4.0, 4.0, 4.0) and got.temperature == 0.7  # the path kept, the thresholds applied
+    assert len(w) == 1 and "temperature (calibrated 0.0, here 0.7)" in str(w[0].message)
+    assert "jobs/calibrate.py --temperature" in str(w[0].message)  # the fix is named
+    with pytest.raises(ConfigError, match="steps .calibrated 24, here 12") as e:  # a meaning field still refuses
+        DecodeConfig(gen_length=24, steps=12, confidence_eos_eot_inf=True, temperature=0.7).with_calibration(path)
+    assert "temperature" not in str(e.value)  # only what refuses is named in the refusal
+    job = base(tmp_path, **{"decoding.calibration": str(path), "decoding.gen_length": 24, "decoding.steps": 24,
+                            "decoding.confidence_eos_eot_inf": True, "decoding.temperature": 0.7})
+    with pytest.warns(CalibrationWarning):
+        assert load_job_config(None, job).decode_config("llada").rule == "prophet"

@@ -160,6 +160,19 @@ def test_calibrate_chooses_a_setting_the_real_decoder_confirms_and_records_half(
         calibrate(model, task, examples, tolerance=2.0, log=lambda _: None)
 
 
+def test_calibration_on_sampled_paths_is_recorded_and_its_trace_is_exact():
+    """At temperature > 0 each row's noise comes from its seed and Prophet's all-in fill is the argmax,
+    so the traced Full run still predicts the real Prophet run: simulated = measured."""
+    from prophet.tasks.calibration import calibrate
+
+    model, task = load_model(SHIPPED[0]), get_task("sudoku4")
+    examples = task.examples("valid", 48, seed=5)
+    out = calibrate(model, task, examples, tolerance=5.0, log=lambda _: None, beat_half=False, temperature=2.0)
+    val = out["validation"]
+    assert out["calibrated_with"]["temperature"] == 2.0
+    assert val["chosen_simulated"] == {"accuracy": val["chosen"]["accuracy"], "mean_steps": val["chosen"]["mean_steps"]}
+
+
 def test_evaluate_cache_table_refresh_every_step_equals_no_cache(capsys):
     """--cache rows per rule: no cache, prefix, dual, each also refreshed every step; a refresh at
     every step is exactly no cache (tokens, steps and forward tokens); a cache without refresh

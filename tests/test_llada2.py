@@ -80,8 +80,12 @@ def test_published_config_reads_and_absent_keys_mean_the_reference_class_default
     assert (c.hidden_size, c.num_experts, c.first_k_dense_replace, c.rotary_dim) == (2048, 256, 1, 64)
     assert c.mask_token_id == 156895  # not in config.json: the family's generation default
     assert LLaDA2Config.from_dict({**MINI_JSON, "mask_token_id": 7}).mask_token_id == 7
-    bare = LLaDA2Config.from_dict({"model_type": "llada2_moe", "use_bias": False, "num_key_value_heads": 4,
-                                   "intermediate_size": 64, "moe_intermediate_size": 32})
+    bare_raw = {"model_type": "llada2_moe", "use_bias": False, "num_key_value_heads": 4,
+                "intermediate_size": 64, "moe_intermediate_size": 32}
+    # the class's default vocabulary (30592) cannot hold the family's mask id: refused, naming the key
+    with pytest.raises(ModelLoadError, match="mask_token_id"):
+        LLaDA2Config.from_dict(bare_raw)
+    bare = LLaDA2Config.from_dict({**bare_raw, "vocab_size": 157184})
     # LLaDA2MoeConfig's own defaults, not mini's
     assert (bare.hidden_size, bare.num_experts, bare.num_experts_per_tok, bare.first_k_dense_replace) == (1024, 16, 2, 0)
     assert (bare.rope_theta, bare.rms_norm_eps, bare.num_shared_experts, bare.shared_width) == (10000.0, 1e-5, 0, 0)

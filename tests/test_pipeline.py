@@ -145,11 +145,37 @@ def test_default_job_resolves_paths_against_the_checkout(tmp_path, monkeypatch):
     assert cfg.model.dir == str(ROOT / "checkpoints/tiny-llada") and cfg.output.dir == "somewhere"
 
 
-def test_readme_config_reference_is_current():
-    from pipeline.cli import reference_markdown
+def _anchors(md: Path) -> set[str]:
+    """GitHub's heading anchors of a Markdown file ('## A job file' -> 'a-job-file')."""
+    import re
 
-    assert reference_markdown() in (ROOT / "README.md").read_text(), \
-        "README's configuration reference is stale: paste pipeline.cli.reference_markdown() into it"
+    heads = [line.lstrip("#").strip() for line in md.read_text().splitlines() if line.startswith("#")]
+    return {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in heads}
+
+
+def test_the_front_page_and_the_docs_link_only_to_what_exists():
+    import re
+
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    assert len(pages) >= 10 and len((ROOT / "README.md").read_text().splitlines()) <= 200  # a front door
+    for page in pages:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if "://" in target:
+                continue
+            path, _, anchor = target.partition("#")
+            dest = (page.parent / path).resolve() if path else page
+            assert dest.is_file(), f"{page.name}: link to missing {target}"
+            assert not anchor or anchor in _anchors(dest), f"{page.name}: no heading for #{anchor} in {dest.name}"
+    linked = set(re.findall(r"\]\(docs/([\w.-]+\.md)", (ROOT / "README.md").read_text()))
+    assert linked == {p.name for p in (ROOT / "docs").glob("*.md")}, "every docs page is reachable from the front page"
+
+
+def test_the_configuration_reference_page_is_current():
+    from pipeline.cli import REFERENCE_PAGE, reference_markdown, reference_page
+
+    text = REFERENCE_PAGE.read_text()
+    assert reference_markdown() in text and reference_page(text) == text, \
+        "docs/configuration.md's reference is stale: run `python -m pipeline.cli` to regenerate it"
 
 
 def test_bad_flags_fail_before_ray_with_exit_code_2(tmp_path):
@@ -268,6 +294,13 @@ def test_given_ids_are_strings_and_null_ids_fall_back_with_an_error():
     assert out.column(INPUT_ERROR).to_pylist() == [None, "k is null or empty", None]
     kept = pio.ids_not_done(batch, "k", pa.array(["5"]))
     assert kept.column("id").to_pylist() == ["f:1", "7"]
+    # Several samples: a prompt is done when all its samples are; --limit (between the two) counts prompts.
+    done = pa.array(["5#0", "5#1", "7#1"])
+    prompts = pio.prompts_not_done(batch, "k", done, num_samples=2)
+    assert prompts.column("id").to_pylist() == ["f:1", "7"]
+    samples = pio.samples_not_done(prompts, done, num_samples=2)
+    assert samples.column("id").to_pylist() == ["f:1#0", "f:1#1", "7#0"]  # 7 only its missing sample
+    assert pio.ids_not_done(batch, "k", done, num_samples=2).equals(samples)
     own = pio.assign_ids(batch.append_column("id", pa.array(["a", "b", "c"])), None)
     assert own.column("id").to_pylist() == ["f:0", "f:1", "f:2"]  # derived, as asked
     assert own.column("input_id").to_pylist() == ["a", "b", "c"]  # the input's "id" kept, not overwritten
@@ -301,7 +334,7 @@ def test_parts_are_atomic_and_resume_reads_their_ids(tmp_path):
     output.write_manifest(out, {"status": "running"})
     output.write_part(_rows(["a", "b"], note=["x", "y"]), out, output.part_name("r1", 0))
     (tmp_path / "out" / ".part-r1-000001.parquet.tmp").write_bytes(b"half written")
-    assert [Path(p).name for p in output.part_files(out)] == ["part-r1-000000.parquet"]
+    assert [Path(p).name for p in output.part_files(out)] == ["part-r1-000000-000000.parquet"]
     assert sorted(output.done_ids(out).to_pylist()) == ["a", "b"]
     assert output.remove_temp_files(out) == 1
     t = pq.read_table(output.part_files(out)[0])

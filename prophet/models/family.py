@@ -66,12 +66,36 @@ class FamilyConfig:
         names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
         given = {k: v for k, v in raw.items() if k in names and v is not None}
         defaults = {k: v for k, v in cls.reference_defaults.items() if k in names}
-        return cls(**{**defaults, **given})
+        config = cls(**{**defaults, **given})
+        check_token_ids(config, given)
+        return config
 
     def to_dict(self) -> dict:
         """config.json dict in the published family's own keys."""
         return {"model_type": self.model_type, "architectures": list(self.architectures),
                 **self.written_constants, **dataclasses.asdict(self)}  # type: ignore[call-overload]
+
+
+# ids the decoder feeds to the model (pad, mask; EOS fills a finished window), so they must have an embedding row
+TOKEN_ID_KEYS = ("mask_token_id", "pad_token_id", "eos_token_id")
+# ids only compared with (end of turn) or not used by the decoder: checked where config.json gives them; absent,
+# they are the flagship tokenizer's, which a small vocabulary (LLaDA's reference config, 50k) need not hold
+GIVEN_ID_KEYS = ("eot_token_id", "bos_token_id")
+
+
+def check_token_ids(config: Any, given: dict) -> None:
+    """Refuse a special token id outside the embedding (config.json pad_token_id 999 in a 102-token model):
+    every padded batch would fail with an index error and fall back to row-by-row decoding."""
+    width = config.logit_width
+    for key in TOKEN_ID_KEYS + tuple(k for k in GIVEN_ID_KEYS if k in given):
+        value = getattr(config, key, None)
+        if value is None or 0 <= int(value) < width:
+            continue
+        where = (f"config.json: {key} {value}" if key in given
+                 else f"config.json has no {key}, and the {config.family} default {value}")
+        raise ModelLoadError(f"{where} is outside the vocabulary (ids 0..{width - 1}, the embedding's rows): "
+                             f"set {key} in config.json to the id of that token in this model's tokenizer "
+                             "(tokenizer.json / tokenizer_config.json)")
 
 
 class TransformersSizes:

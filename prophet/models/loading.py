@@ -149,10 +149,11 @@ def check_model_dir(path: str | Path, *, allow_pickle: bool = False, trust_remot
     if family is None:
         return
     config_cls, module_cls = family
+    config = config_cls.from_dict(raw)  # refuses unsupported features and special ids outside the vocabulary
     Tokenizer.from_dir(path)
     if weights.kind == "safetensors":  # pickles cannot be inspected without unpickling them
         with torch.device("meta"):
-            module = module_cls(config_cls.from_dict(raw))
+            module = module_cls(config)
         check_tensors(safetensors_shapes(weights), _shapes(module))
 
 

@@ -10,7 +10,7 @@ Thousands of settings are scored from that trace; the chosen one is then run for
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 import torch
@@ -176,14 +176,16 @@ def accuracy_floor(full: float, tolerance: float, half: float | None = None, n: 
 
 
 def calibrate(model: TextDLM, task: Task, examples: Sequence[Example], tolerance: float = 0.5,
-              log: Callable[[str], None] = print, max_verify: int = 5, beat_half: bool = True) -> dict:
+              log: Callable[[str], None] = print, max_verify: int = 5, beat_half: bool = True,
+              temperature: float = 0.0) -> dict:
     """Sweep on `examples` and return the calibration file's dict (decode fields + validation table).
 
     tolerance is in accuracy points (0.5 = half a percentage point below Full). beat_half: the
     setting must also be more accurate than Half (half the steps), the paper's comparison; a
-    setting that is not is no better than halving the budget.
+    setting that is not is no better than halving the budget. temperature > 0 fits on sampled paths:
+    the trace still holds, as each row's noise comes from its seed and Prophet's all-in fill is the argmax.
     """
-    full_cfg = task_config(model, task)
+    full_cfg = task_config(model, task, temperature=temperature)
     trace = trace_full(model, task, examples, full_cfg)
     full = trace.full
     halved = run_task(model, task, examples, half(full_cfg)) if beat_half else None
@@ -197,7 +199,7 @@ def calibrate(model: TextDLM, task: Task, examples: Sequence[Example], tolerance
         table.append({"decode": cand.decode_fields(), "accuracy": round(acc, 4), "mean_steps": round(steps, 4),
                       "speedup": round(full.mean_steps / steps, 4)})  # against Full's measured steps
     for cand, acc, steps in ranked(rows, floor)[:max_verify]:
-        real = run_task(model, task, examples, task_config(model, task, **cand.decode_fields()))
+        real = run_task(model, task, examples, replace(full_cfg, **cand.decode_fields()))
         log(f"verified {real.rule}: accuracy {real.accuracy:.4f} (simulated {acc:.4f}) steps "
             f"{real.mean_steps:.2f} (simulated {steps:.2f})")
         if real.accuracy >= floor:
