@@ -73,13 +73,15 @@ class DecodeConfig:
     anchor_ids: tuple[int, ...] = ()  # answer-anchor tokens written into the canvas (region "anchor")
     anchor_offset: int | None = None  # window position of the anchor; None = as late as fits
     answer_window: int = 5            # monitored positions after the anchor
-    confidence: float | None = None   # confidence_threshold: commit where p > confidence; None = the host's (0.9; block 0.95)
+    # confidence_threshold: commit where p > confidence; None = the host's default (0.9; block 0.95)
+    confidence: float | None = None
     # Prophet's normal update: the host's schedule ('none') or a parallel rule on top (a step may
     # both commit by the rule and, when the gap clears, fill the rest)
     parallel: Parallel = "none"
     # Block host (block-causal models, SPEC 8)
     lookahead: int = 0                # mask blocks forwarded after the current one (Prophet watches and fills them)
-    editing_threshold: float | None = None  # LLaDA2.1 editing: rewrite committed positions whose argmax changed with p > this
+    # LLaDA2.1 editing: rewrite committed positions whose prediction changed, with p > this; None = off
+    editing_threshold: float | None = None
     max_post_steps: int = 16          # editing: passes after a block's last mask while an edit still fires
     # Batching
     batch_size: int = 32              # slots in the forward pass

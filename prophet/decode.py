@@ -17,7 +17,7 @@ from typing import Iterator, Sequence
 import torch
 
 from prophet.config import ConfigError, DecodeConfig
-from prophet.hosts import host_for
+from prophet.hosts import HostBatch, host_for
 from prophet.hosts.common import (initial_window, make_result, monitored_slice, resolve_seeds, stop_ids,
                                   validate_request)
 from prophet.hosts.window import span_lower, step_span
@@ -37,7 +37,7 @@ class _Outputs:
         self.state: dict[str, torch.Tensor] = {}
         self.seconds = torch.zeros(n, dtype=torch.float64)
 
-    def record(self, batch, idx: list[int], now: float) -> None:
+    def record(self, batch: HostBatch, idx: list[int], now: float) -> None:
         """Copy the finished batch rows idx into their input positions."""
         ix = torch.tensor(idx, dtype=torch.long, device=batch.device)
         rows = torch.tensor([batch.slots[i].row for i in idx], dtype=torch.long, device=batch.device)
@@ -82,7 +82,7 @@ def decode(model: DLM, prompts: Sequence[Sequence[int]], config: DecodeConfig,
                        f("ftok", torch.long))
 
 
-def _step(model: DLM, batch) -> list[bool]:
+def _step(model: DLM, batch: HostBatch) -> list[bool]:
     """One step of the batch (the host's); per row, whether it finished. One host read."""
     return batch.step(model)
 
@@ -105,7 +105,8 @@ def kv_cache(model: DLM, config: DecodeConfig, rows: tuple[int, int] | None) -> 
         model.drop_cache()
 
 
-def _admit(batch, config: DecodeConfig, waiting: deque, prompts: list[list[int]], seeds: list[int]) -> None:
+def _admit(batch: HostBatch, config: DecodeConfig, waiting: deque, prompts: list[list[int]],
+           seeds: list[int]) -> None:
     """Fill free slots with waiting prompts."""
     n_free = min(config.batch_size - len(batch.slots), len(waiting))
     if n_free > 0:
@@ -113,7 +114,7 @@ def _admit(batch, config: DecodeConfig, waiting: deque, prompts: list[list[int]]
         batch.admit([(r, seeds[r], prompts[r]) for r in rows], time.perf_counter())
 
 
-def _retire(batch, finished: list[bool], out: _Outputs, continuous: bool) -> None:
+def _retire(batch: HostBatch, finished: list[bool], out: _Outputs, continuous: bool) -> None:
     """Record finished rows; drop them (continuous) or leave them frozen until the batch is done."""
     now = time.perf_counter()
     done = [i for i, fin in enumerate(finished) if fin]

@@ -180,7 +180,6 @@ def test_the_job_decodes_a_block_model_on_its_own_host(ray_local, tmp_path, task
     import pyarrow.parquet as pq
 
     from pipeline import output
-    from pipeline.config import JobConfigError
     from pipeline.stage import plan_stage
     from prophet.models import save_model
     from tests.test_pipeline_ray import job, write_jsonl
@@ -200,8 +199,6 @@ def test_the_job_decodes_a_block_model_on_its_own_host(ray_local, tmp_path, task
     assert [r["forward_tokens"] for r in rows] == want.forward_tokens.tolist()
     assert [r["completion_ids"][:r["generated_tokens"]] for r in rows] == \
         [t[:n] for t, n in zip(want.tokens.tolist(), want.num_generated.tolist())]
-    with pytest.raises(JobConfigError, match="decoding.block_length"):
-        plan_stage(job(tmp_path, model_dir, src, **{"decoding.block_length": 8}))
 
 
 def run_job(cfg):
@@ -261,3 +258,18 @@ def test_a_block_decode_reads_the_host_once_per_step(monkeypatch):
         decode(model, prompts, cfg)
     assert len(steps) >= 8
     assert len(reads.calls) <= len(steps) + len(keeps), sorted(set(reads.calls))
+
+
+def test_the_job_refuses_block_settings_the_model_cannot_run_before_any_work(tmp_path, tiny_model_dir, task_rows):
+    from pipeline.config import JobConfigError
+    from pipeline.stage import plan_stage
+    from prophet.models import save_model
+    from tests.test_pipeline_ray import job, write_jsonl
+
+    src = write_jsonl(tmp_path / "in.jsonl", task_rows[:2])
+    model_dir = save_model(tiny_llada2(seed=3), char_tokenizer(), tmp_path / "tiny-llada2")
+    with pytest.raises(JobConfigError, match="decoding.block_length"):
+        plan_stage(job(tmp_path, model_dir, src, **{"decoding.block_length": 8}))
+    with pytest.raises(JobConfigError, match="bidirectional"):
+        plan_stage(job(tmp_path, tiny_model_dir, src, **{"decoding.host": "block"}))
+    assert plan_stage(job(tmp_path, model_dir, src, **{"decoding.block_length": 4})).decode["host"] == "block"

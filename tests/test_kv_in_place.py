@@ -59,7 +59,8 @@ def test_a_cached_pass_attends_to_the_cache_in_place(cache, monkeypatch):
     want = decode_reference(model, prompts, cfg)
     assert torch.equal(got.tokens, want.tokens) and torch.equal(got.steps_used, want.steps_used)
     # rows admitted together stay in step: every pass holds every row, all of them read in place
-    reads.calls.clear()
-    decode(model, prompts[:3], DecodeConfig(**{**cfg.to_dict(), "rule": "full", "thresholds": tuple(cfg.thresholds),
-                                              "anchor_ids": ()}))
-    assert reads.calls and all(c[0] for c in reads.calls), "a cached pass gathered the cache"
+    for cfg_scale in (0.0, 0.5):  # with CFG too: the conditional and unconditional passes each in place
+        reads.calls.clear()
+        decode(model, prompts[:3], DecodeConfig(**{**cfg.to_dict(), "rule": "full", "cfg_scale": cfg_scale,
+                                                  "thresholds": tuple(cfg.thresholds), "anchor_ids": ()}))
+        assert reads.calls and all(c[0] for c in reads.calls), "a cached pass gathered the cache"

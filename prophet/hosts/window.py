@@ -294,12 +294,17 @@ def _span_logits(model: DLM, batch: _Batch, spans: list[tuple[int, int, bool]]) 
             if not rows:
                 continue
             rows_all = rows + [i + B for i in rows] if cfg_on else rows
-            kv = rows + [k + cfg.batch_size for k in rows] if cfg_on else rows  # row i in slot i
-            in_place = consecutive(rows) if not cfg_on else None  # the cache read in place, no gather
             ix = torch.tensor(rows_all, device=dev)
             w = max(spans[i][1] for i in rows)
-            part = model.cached_logits(ids[ix], attn[ix], torch.tensor(kv, device=dev), P + lo.repeat(1 + cfg_on)[ix],
-                                       w, refresh, in_place)  # (rows, w, V)
+            # row i keeps its keys/values in slot i, its CFG pass in batch_size + i: each pass runs on
+            # consecutive slots where it can, so attention reads the cache in place, no gather
+            halves = []
+            for half, slot0 in enumerate((0, cfg.batch_size)[:1 + cfg_on]):
+                kv = [i + slot0 for i in rows]
+                hx = torch.tensor([i + half * B for i in rows], device=dev)
+                halves.append(model.cached_logits(ids[hx], attn[hx], torch.tensor(kv, device=dev), P + lo[rows], w,
+                                                  refresh, consecutive(kv)))  # (rows, w, V)
+            part = torch.cat(halves) if cfg_on else halves[0]
             if len(rows) == B and w == W:
                 out = part
                 break

@@ -48,7 +48,7 @@ def task_config(model: TextDLM, task: Task, **overrides) -> DecodeConfig:
     host = overrides.pop("host", model.default_host)
     block = b.block_length if host == "llada" else None
     fields = {"host": host, "gen_length": b.gen_length, "steps": b.steps, "block_length": block,
-              "confidence_eos_eot_inf": b.eos_last, "batch_size": 128}
+              "confidence_eos_eot_inf": b.eos_last and host != "block", "batch_size": 128}  # block: no demotion
     return DecodeConfig(**{**fields, **overrides})
 
 
