@@ -13,7 +13,7 @@ pytest.importorskip("lm_eval", reason="lm-eval is the optional extra 'lmeval': p
 import torch  # noqa: E402
 from tiny_support import ROOT, load_job, one_thread  # noqa: E402,F401 (one_thread is an autouse fixture)
 
-from prophet.config import PRESETS, ConfigError  # noqa: E402
+from prophet.config import PRESETS, CalibrationWarning, ConfigError  # noqa: E402
 from prophet.lmeval import ProphetLM, build_config, cut_at_until, mc_loglikelihood, write_task_dir  # noqa: E402
 from prophet.models import load_model  # noqa: E402
 from prophet.tasks import get_task  # noqa: E402
@@ -102,8 +102,12 @@ def test_model_args_are_coerced_to_decode_config_fields():
     cal = build_config({"gen_length": 24, "quantile": 0.3, "confidence_eos_eot_inf": True}, "llada",
                        calibration=LLADA / "calibration.json")
     assert cal.rule == "prophet" and cal.quantile == 0.3
-    with pytest.raises(ConfigError, match="confidence_eos_eot_inf .calibrated True, here False"):
-        build_config({"gen_length": 24}, "llada", calibration=LLADA / "calibration.json")  # not its settings
+    # another sampling path (EOS ordering) keeps the thresholds' meaning: a warning, not a refusal
+    with pytest.warns(CalibrationWarning, match="confidence_eos_eot_inf .calibrated True, here False"):
+        build_config({"gen_length": 24}, "llada", calibration=LLADA / "calibration.json")
+    with pytest.raises(ConfigError, match="gen_length .calibrated 24, here 32"):  # another window: refused
+        build_config({"gen_length": 32, "confidence_eos_eot_inf": True}, "llada",
+                     calibration=LLADA / "calibration.json")
     with pytest.raises(ConfigError, match="stepz"):
         build_config({"stepz": 3}, "llada")
     with pytest.raises(ConfigError, match="steps"):
