@@ -224,14 +224,22 @@ class BlockBatch:
         nblocks = torch.where(phase == DECODE, 1 + la, torch.where(phase == POST, 1, t["store_hi"] - t["blk"]))
         width = nblocks * bl * live.long()  # (B,) positions each row forwards
         start = t["blk"] * bl
+        # a shifted family (Fast-dLLM v2) also runs the position before the block: its output scores the
+        # block's first position (block-causal, it sees only cached blocks, so its keys/values are rewritten
+        # unchanged); the adapter drops the extra column, so the logits stay (B, W, V)
         cols = torch.arange(W, device=dev)
         real = cols[None] < width[:, None]  # (B, W)
-        pos = torch.where(real, start[:, None] + cols[None], -1)
-        ids = torch.where(real, seq.gather(1, pos.clamp(0, L - 1)), model.pad_id)
+        lead = getattr(model, "query_lead", 0) * (width > 0).long()  # (B,)
+        pos = torch.where(real, start[:, None] + cols[None], -1)  # (B, W) the scored positions
+        qcols = torch.arange(W + int(getattr(model, "query_lead", 0)), device=dev)
+        qpos = start[:, None] - lead[:, None] + qcols[None]
+        qreal = (qcols[None] < (width + lead)[:, None]) & (qpos >= 0)  # (B, W + lead) the forwarded ones
+        qpos = torch.where(qreal, qpos, -1)
+        ids = torch.where(qreal, seq.gather(1, qpos.clamp(0, L - 1)), model.pad_id)
         scored = any(s.phase != STORE and not s.done for s in self.slots)
-        logits = model.block_logits(ids, pos, torch.arange(B, device=dev), start + width, 0, scored)  # (B, W, V)
+        logits = model.block_logits(ids, qpos, torch.arange(B, device=dev), start + width, 0, scored)  # (B, W, V)
         t["used"] += live.long()
-        t["ftok"] += width
+        t["ftok"] += width + lead
         scoring = live & (phase != STORE)
         if not scored:
             return self._advance(scoring, torch.zeros_like(live), torch.zeros_like(live), torch.zeros_like(live))

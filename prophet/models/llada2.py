@@ -16,8 +16,8 @@ from torch import nn
 from prophet.models.errors import ModelLoadError
 from prophet.models.family import FamilyConfig, TransformersSizes, check_heads
 from prophet.models.layers import (AttentionInputs, CacheIndex, KVCache, KVCaches, RMSNorm, apply_rotary, attend,
-                                   attention_inputs, head_inputs, init_weights)
-from prophet.models.moe import RouterSpec, SparseMoE, SwiGLUExpert
+                                   SwiGLU, attention_inputs, head_inputs, init_weights)
+from prophet.models.moe import RouterSpec, SparseMoE
 
 # config.json keys that mark a LLaDA2.2 checkpoint: its insert/delete edit tokens (SGLang's
 # JointThresholdInDel reads them from the checkpoint). 2.2 also routes experts per block, which a
@@ -168,7 +168,7 @@ class LLaDA2Layer(nn.Module):
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.attention = LLaDA2Attention(c)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.mlp: nn.Module = (SwiGLUExpert(c.hidden_size, int(c.intermediate_size)) if index < c.dense_layers
+        self.mlp: nn.Module = (SwiGLU(c.hidden_size, int(c.intermediate_size)) if index < c.dense_layers
                                else SparseMoE(c.hidden_size, int(c.moe_intermediate_size), c.router, c.shared_width))
 
     def forward(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
