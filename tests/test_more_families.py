@@ -301,3 +301,37 @@ def test_llada_moe_decodes_on_the_llada_host_equal_to_the_oracle(kw):
     got, want = decode(model, prompts, cfg), decode_reference(model, prompts, cfg)
     for f in ("tokens", "committed_early", "num_generated", "forward_tokens"):
         assert torch.equal(getattr(got, f), getattr(want, f)), f
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_the_job_decodes_a_shifted_block_family_with_its_checkpoint_block(ray_local, tmp_path, task_rows):
+    # the job, stage and decode paths are generic over families: a tiny Fast-dLLM v2 (shifted logits,
+    # attention block from config.json's bd_size) decodes on the block host with the per-row steps and
+    # tokens of the same decode in this process; a block_length other than bd_size is refused up front
+    import pyarrow.parquet as pq
+
+    from pipeline import output
+    from pipeline.config import JobConfigError
+    from pipeline.run import run
+    from pipeline.stage import plan_stage
+    from tests.test_pipeline_ray import job, write_jsonl
+
+    model_dir = save_model(tiny("fast_dllm", seed=3, bd_size=8), char_tokenizer(), tmp_path / "tiny-fast-dllm")
+    src = write_jsonl(tmp_path / "in.jsonl", task_rows[:4])
+    cfg = job(tmp_path, model_dir, src, **{"decoding.rule": "confidence_threshold", "decoding.confidence": 0.9,
+                                           "decoding.batch_size": 3})
+    decode_cfg = plan_stage(cfg).decode
+    assert decode_cfg["host"] == "block"
+    s = run(cfg, log=lambda _: None)
+    rows = pq.read_table(output.part_files(cfg.output.dir)).to_pylist()
+    assert (s.rows, s.ok) == (4, 4)
+    model = load_model(model_dir)
+    assert model.block_length == 8
+    want = decode(model, [model.encode(r["prompt"]) for r in rows],
+                  DecodeConfig(**{**decode_cfg, "thresholds": tuple(decode_cfg["thresholds"]), "anchor_ids": ()}))
+    assert [r["steps_used"] for r in rows] == want.steps_used.tolist()
+    assert [r["completion_ids"][:r["generated_tokens"]] for r in rows] == \
+        [t[:n] for t, n in zip(want.tokens.tolist(), want.num_generated.tolist())]
+    with pytest.raises(JobConfigError, match="decoding.block_length"):
+        plan_stage(job(tmp_path, model_dir, src, **{"decoding.block_length": 4}))

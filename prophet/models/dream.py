@@ -56,11 +56,6 @@ class DreamConfig(TransformersSizes, FamilyConfig):
     def __post_init__(self) -> None:
         check_heads(self.hidden_size, self.num_attention_heads, self.num_key_value_heads)
 
-    @property
-    def attention_block(self) -> int | None:
-        """Block of block-causal attention; None = bidirectional (Dream)."""
-        return None
-
 
 class DreamModel(DecoderLM):
     """Dream: forward(input_ids, attention_mask) -> raw logits (B, L, vocab_size), bidirectional.

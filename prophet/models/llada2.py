@@ -115,6 +115,11 @@ class LLaDA2Config(TransformersSizes, FamilyConfig):
             raise ModelLoadError(f"config.json: block_length must be positive (got {self.block_length})")
 
     @property
+    def attention_block(self) -> int:
+        """Block of the block-causal attention: block_length, else the family's 32."""
+        return self.block_length or self.default_block_length
+
+    @property
     def rotary_dim(self) -> int:
         """Rotated dims of each head (the first ones)."""
         return int(int(self.head_dim) * self.partial_rotary_factor)  # type: ignore[arg-type]
@@ -187,7 +192,7 @@ class LLaDA2Model(KVCaches, nn.Module):
         super().__init__()
         self.config = config
         c = config
-        self.block_length: int = c.block_length or c.default_block_length
+        self.block_length: int = c.attention_block
         self.model = nn.Module()
         self.model.word_embeddings = nn.Embedding(c.vocab_size, c.hidden_size)
         self.model.layers = nn.ModuleList(LLaDA2Layer(c, i) for i in range(c.num_hidden_layers))

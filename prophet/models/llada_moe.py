@@ -70,11 +70,6 @@ class LLaDAMoEConfig(TransformersSizes, FamilyConfig):
                                  "checkpoints' [1, 1, ...])")
 
     @property
-    def attention_block(self) -> None:
-        """Bidirectional attention."""
-        return None
-
-    @property
     def router(self) -> RouterSpec:
         """OLMoE routing: float32 softmax over the experts, top-k, weights not renormalised."""
         return RouterSpec(self.num_experts, self.num_experts_per_tok, norm_topk_prob=False, score="softmax",
