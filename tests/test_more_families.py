@@ -112,7 +112,7 @@ def test_published_configs_dispatch_by_architecture_and_read_the_vendor_keys():
     (SDARConfig, {"attention_bias": True}, "attention_bias"),
     (SDARConfig, {"block_size": 0}, "block_size"),
     (SDARConfig, {"num_experts": 4}, "moe_intermediate_size"),
-    (FastDLLMConfig, {"tie_word_embeddings": True}, "tie_word_embeddings"),
+    (FastDLLMConfig, {"use_sliding_window": True}, "use_sliding_window"),
     (LLaDAMoEConfig, {"moe_layer_freq": [1, 0]}, "moe_layer_freq"),
     (LLaDAMoEConfig, {"routed_scaling_factor": 2.5}, "routed_scaling_factor"),
     (LLaDAMoEConfig, {"shared_expert_intermediate_size": 512}, "shared_expert_intermediate_size"),
@@ -199,8 +199,9 @@ def test_save_load_round_trip_gives_identical_logits(tmp_path, family):
     assert config["architectures"] == list(type(module.config).architectures)
 
 
-def test_tied_sdar_has_no_lm_head_and_round_trips(tmp_path):
-    module = tiny("sdar", tie_word_embeddings=True)
+@pytest.mark.parametrize("family", ["sdar", "fast_dllm"])
+def test_a_tied_head_is_the_embedding_and_round_trips(tmp_path, family):
+    module = tiny(family, tie_word_embeddings=True)
     assert "lm_head.weight" not in module.state_dict()
     path = save_model(module, char_tokenizer(), tmp_path / "tied")
     ids, mask = batch(["tied", "head"])

@@ -79,6 +79,7 @@ class FastDLLMConfig(DreamConfig):
     default, not in config.json; <|im_end|> (151645) ends the answer."""
 
     max_position_embeddings: int = 32768
+    tie_word_embeddings: bool = False        # lm_head is the embedding (Fast_dLLM_v2_1.5B, Qwen2.5-1.5B's sizes)
     bd_size: int = 32                        # attention block (the vendor's key)
     mask_token_id: int = 151665
     eos_token_id: int = 151645               # <|im_end|>: the reference decoder's stop token
@@ -88,11 +89,17 @@ class FastDLLMConfig(DreamConfig):
     architectures: ClassVar[tuple[str, ...]] = ("Fast_dLLM_QwenForCausalLM",)
     default_host: ClassVar[str] = "block"
     default_block_length: ClassVar[int] = 32
+    required_values: ClassVar[dict] = {
+        "hidden_act": ("silu",), "rope_scaling": (None,), "use_sliding_window": (False,),
+    }
+    written_constants: ClassVar[dict] = {
+        "hidden_act": "silu", "rope_scaling": None, "use_sliding_window": False, "use_cache": False,
+    }
     # Qwen2Config's defaults (the vendor's configuration class derives from it): what an absent key means.
     reference_defaults: ClassVar[dict] = {
         "vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016, "num_hidden_layers": 32,
         "num_attention_heads": 32, "num_key_value_heads": 32, "max_position_embeddings": 32768,
-        "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+        "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": False,
     }
 
     def __post_init__(self) -> None:
