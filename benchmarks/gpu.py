@@ -7,6 +7,9 @@
    overhead; the step savings come from the trained models (evaluate). The budget is `--gpu-steps`
    steps (default 64: 8 per block of 32, 4 tokens per step) so that all nine decodes fit.
 
+3. SDAR-8B and Fast-dLLM-v2-7B with random bf16 weights on the block host: ms of one cached block
+   pass of 32 rows, decode tokens/s (benchmarks/block_families.py), within `--gpu-families-s`.
+
 Every decode stops the section cleanly when `--gpu-budget-s` is spent, so the whole run finishes
 in under 8 minutes; on a CPU `--gpu-model tiny` runs the same code in seconds.
 """
@@ -18,6 +21,7 @@ from dataclasses import replace
 
 import torch
 
+from benchmarks.block_families import print_rows, run_block_families
 from benchmarks.forward import MODELS, measure_forward, parse_shapes, print_shapes, random_llada
 from benchmarks.harness import Table, sync
 from prophet import DecodeConfig, decode
@@ -89,7 +93,16 @@ def run(args: argparse.Namespace) -> dict:
             continue
         print(DECODE_TABLE.row(r["cache"], r["rule"], r["wall_s"], r["tokens_per_s"], r["forward_tokens"],
                                r["peak_memory_gib"]))
-    return {"forward": fwd, "decode": rows, "total_s": time.perf_counter() - t0}
+    families = block_families(args)
+    return {"forward": fwd, "decode": rows, "block_families": families, "total_s": time.perf_counter() - t0}
+
+
+def block_families(args: argparse.Namespace) -> list[dict]:
+    """3. SDAR-8B and Fast-dLLM-v2-7B on the block host (benchmarks/block_families.py), own time budget."""
+    rows = run_block_families(args.gpu_model == "tiny", args.gpu_prompt, args.gpu_window, args.repeats,
+                              args.gpu_families_s)
+    print_rows(rows)
+    return rows
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -102,3 +115,5 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu-steps", type=int, default=64, help="gpu: step budget of the window")
     p.add_argument("--gpu-slots", type=int, default=32, help="gpu: slots (and prompts)")
     p.add_argument("--gpu-budget-s", type=float, default=420.0, help="gpu: stop starting decodes after this")
+    p.add_argument("--gpu-families-s", type=float, default=120.0,
+                   help="gpu: stop starting SDAR / Fast-dLLM v2 decodes after this")
