@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from prophet import DecodeConfig, decode, decode_reference
+from prophet import ConfigError, DecodeConfig, decode, decode_reference
 from prophet.models import (CHAR_TOKEN_IDS, ModelLoadError, NativeAdapter, Tokenizer, char_tokenizer, load_model,
                             save_model)
 from prophet.models.dream import DreamModel, FastDLLMConfig
@@ -270,8 +270,9 @@ PROMPTS = ("what is 12+30?", "hi", "abcdefg", "x", "0123")
 @pytest.mark.parametrize("family", ["sdar", "sdar_moe", "fast_dllm"])
 @pytest.mark.parametrize("kw", [dict(), dict(rule="confidence_threshold", confidence=0.6),
                                 dict(rule="prophet", region="window", lookahead=1, thresholds=(2.0, 1.5, 1.0)),
-                                dict(rule="full", temperature=0.7)],
-                         ids=["full", "threshold", "prophet-lookahead", "sampled"])
+                                dict(rule="full", temperature=0.7),
+                                dict(rule="confidence_threshold", confidence=0.6, sub_block=2)],
+                         ids=["full", "threshold", "prophet-lookahead", "sampled", "sub-blocks"])
 def test_block_families_decode_on_the_block_host_equal_to_the_oracle(family, kw):
     # Fast-dLLM v2's shift on the block host: each pass also runs the position before the block
     model = confident(family)
@@ -339,3 +340,18 @@ def test_the_job_decodes_a_shifted_block_family_with_its_checkpoint_block(ray_lo
         [t[:n] for t, n in zip(want.tokens.tolist(), want.num_generated.tolist())]
     with pytest.raises(JobConfigError, match="decoding.block_length"):
         plan_stage(job(tmp_path, model_dir, src, **{"decoding.block_length": 4}))
+
+
+def test_sub_blocks_commit_in_order_as_fast_dllm_v2_decodes():
+    # Fast-dLLM v2's decoder: inside a block only the first sub-block still holding masks takes commits,
+    # each pass the ones above the threshold, else the most confident (quota 1: steps = gen_length)
+    model = confident("fast_dllm")  # blocks of 4
+    prompts = [model.encode(s) for s in PROMPTS]
+    base = dict(host="block", gen_length=12, steps=12, batch_size=3, rule="confidence_threshold", confidence=0.9)
+    whole, subs = decode(model, prompts, DecodeConfig(**base)), decode(model, prompts, DecodeConfig(**base, sub_block=2))
+    assert torch.equal(subs.tokens, decode_reference(model, prompts, DecodeConfig(**base, sub_block=2)).tokens)
+    assert not torch.equal(whole.tokens, subs.tokens)  # the order of commits changes what the model sees
+    with pytest.raises(ConfigError, match="sub_block"):
+        decode(model, prompts, DecodeConfig(**base, sub_block=3))  # does not divide the block of 4
+    with pytest.raises(ConfigError, match="sub_block"):
+        DecodeConfig(host="llada", gen_length=12, steps=12, sub_block=2)

@@ -12,7 +12,9 @@ Decisions, shared with the oracle (`prophet.reference`, which recomputes every p
   (block_length spread over S steps, the first ones one more), capped by the masks left, so a
   block always empties within S steps. `full` commits the quota's most confident;
   `confidence_threshold` also every masked position whose probability exceeds `confidence`
-  (LLaDA2's: all above the threshold, else the quota's most confident). Temperature 0 is argmax
+  (LLaDA2's: all above the threshold, else the quota's most confident). `sub_block` (Fast-dLLM
+  v2's decoder) limits the candidates to the block's first sub-block that still holds a mask; the
+  block then runs until empty, its later steps at the last quota. Temperature 0 is argmax
   (LLaDA2's remote code samples even at 0, a known bug); > 0 samples the tempered, filtered
   distribution from counter-based uniforms of (row seed, decode pass, position). The mask token's
   logit is -inf in every use (a committed mask would leave its block unfinishable).
@@ -258,6 +260,10 @@ class BlockBatch:
         prop = block_proposals(logits[:, :bl], cfg, keys, self.stops, model.mask_id)
         decoding = ok & (phase == DECODE) & ~fire
         valid = masked & decoding[:, None]
+        if cfg.sub_block is not None:  # only the first sub-block that still holds a mask (Fast-dLLM v2)
+            sub = cols[:bl] // cfg.sub_block                                              # (bl,)
+            first_sub = torch.where(masked, sub[None], bl).amin(1, keepdim=True)          # (B, 1)
+            valid &= sub[None] == first_sub
         k = self.quota[t["sstep"].clamp(max=self.S - 1)]
         reveal = above_confidence(prop.logp, cfg.confidence) if update_rule(cfg) == "confidence_threshold" else None
         sel = select_positions(rank_desc(prop.logp, valid.long()), valid, k, reveal)
