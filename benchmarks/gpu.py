@@ -14,9 +14,13 @@
    the block host, prompt 512, window 256, 32 slots. The cache holds zeros, not a prefill's keys:
    attention costs the same whatever the keys' values.
 
-Decodes stop starting once `--gpu-budget-s` is spent (LLaDA-8B's leave `--gpu-llada2-s` of it to
-LLaDA2's), so the whole run finishes in under 8 minutes; on a CPU `--gpu-model tiny` runs the same
-code (tiny models of both families) in seconds.
+4. SDAR-8B and Fast-dLLM-v2-7B with random bf16 weights on the block host: ms of one cached block
+   pass of 32 rows, decode tokens/s (benchmarks/block_families.py), within `--gpu-families-s`.
+
+Decodes stop starting once `--gpu-budget-s` is spent (LLaDA-8B's leave `--gpu-llada2-s` and
+`--gpu-families-s` of it to the later parts, LLaDA2's leave `--gpu-families-s`), so the whole run
+finishes in under 8 minutes; on a CPU `--gpu-model tiny` runs the same code (tiny models of every
+family) in seconds.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ from dataclasses import replace
 import torch
 
 from benchmarks.block import llada2_config, random_llada2
+from benchmarks.block_families import print_rows, run_block_families
 from benchmarks.cache import workload
 from benchmarks.forward import MODELS, measure_forward, parse_shapes, print_shapes, random_llada
 from benchmarks.harness import Table, best_seconds, sync
@@ -171,15 +176,26 @@ def run(args: argparse.Namespace) -> dict:
     base = DecodeConfig(gen_length=args.gpu_window, steps=args.gpu_steps, block_length=args.gpu_block,
                         batch_size=args.gpu_slots)
     deadline = t0 + args.gpu_budget_s
-    rows = decode_table(model, base, prompts, deadline - args.gpu_llada2_s)
+    rows = decode_table(model, base, prompts, deadline - args.gpu_llada2_s - args.gpu_families_s)
     print(f"gpu: decode, prompt {args.gpu_prompt}, window {args.gpu_window}, blocks of {args.gpu_block}, "
           f"{args.gpu_steps} steps, {args.gpu_slots} slots")
     print_decode(rows)
     del model  # LLaDA-8B's 16 GB leave the device before LLaDA2-mini's 32 GB arrive
     gc.collect()  # a reference cycle would keep them until the next collection
     _reset_peak(device)
-    llada2 = run_llada2(args, device, dtype, deadline)
-    return {"forward": fwd, "decode": rows, "llada2": llada2, "total_s": time.perf_counter() - t0}
+    llada2 = run_llada2(args, device, dtype, deadline - args.gpu_families_s)
+    gc.collect()
+    families = block_families(args, deadline)
+    return {"forward": fwd, "decode": rows, "llada2": llada2, "block_families": families,
+            "total_s": time.perf_counter() - t0}
+
+
+def block_families(args: argparse.Namespace, deadline: float) -> list[dict]:
+    """4. SDAR-8B and Fast-dLLM-v2-7B on the block host (benchmarks/block_families.py), until the deadline."""
+    rows = run_block_families(args.gpu_model == "tiny", args.gpu_prompt, args.gpu_window, args.repeats,
+                              max(0.0, deadline - time.perf_counter()))
+    print_rows(rows)
+    return rows
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -199,3 +215,5 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="gpu: LLaDA2 cached prefix of the forward, and the decode's prompt tokens")
     p.add_argument("--gpu-llada2-window", type=int, default=256, help="gpu: LLaDA2 decode window (= steps)")
     p.add_argument("--gpu-llada2-slots", type=int, default=32, help="gpu: LLaDA2 decode slots (and prompts)")
+    p.add_argument("--gpu-families-s", type=float, default=120.0,
+                   help="gpu: stop starting SDAR / Fast-dLLM v2 decodes after this")

@@ -41,7 +41,7 @@ from prophet.models.dream import DreamConfig, DreamModel  # noqa: E402
 from prophet.models.layers import position_ids, two_copy_block_inputs  # noqa: E402
 from prophet.models.llada import LLaDAConfig, LLaDAModel  # noqa: E402
 from prophet.models.llada2 import LLaDA2Config, LLaDA2Model  # noqa: E402
-from prophet.models.moe import SigmoidRouter  # noqa: E402
+from prophet.models.moe import Router  # noqa: E402
 from prophet.models.tokenizer import CHAR_TOKEN_IDS, char_tokenizer  # noqa: E402
 from prophet.tasks import TASKS, Example, Task, get_task  # noqa: E402
 from prophet.tasks.evaluation import run_task, task_config  # noqa: E402
@@ -182,7 +182,7 @@ class ExpertLoad:
 
     def __init__(self, module: torch.nn.Module, rate: float) -> None:
         self.rate = rate
-        self.routers = [m for m in module.modules() if isinstance(m, SigmoidRouter)]
+        self.routers = [m for m in module.modules() if isinstance(m, Router) and m.expert_bias is not None]
         self.counts = [torch.zeros(r.spec.n_experts) for r in self.routers]
         self.hooks = [router.register_forward_hook(self._hook(i)) for i, router in enumerate(self.routers)]
 

@@ -93,6 +93,9 @@ DECODE_DESCRIPTIONS: dict[str, str] = {
     "block_length": "Semi-autoregressive block length (divides gen_length) for hosts llada/dream; unset = "
                     "one block. Host block: the model's attention block (unset = the model's; another "
                     "value is refused).",
+    "sub_block": "Host block only: commit only inside the block's first sub-block of this many positions "
+                 "that still holds a mask (Fast-dLLM v2's decoder: 8 within its blocks of 32); unset = the "
+                 "whole block.",
     "cache": "Block KV cache: 'none', 'prefix' (reuse keys/values before the block) or 'dual' (also "
              "the positions after it, as of the block's first step); needs a native model.",
     "cache_refresh_every": "With a cache, also recompute every position every k steps inside a block; "

@@ -109,9 +109,7 @@ def check_block_length(cfg: StageConfig, decode: dict) -> None:
 
     raw = read_config(Path(cfg.model.dir))
     family = native_family(raw)
-    model_block = getattr(family[0].from_dict(raw), "block_length", None) if family else None
-    if family and model_block is None:
-        model_block = getattr(family[0], "default_block_length", None)
+    model_block = family[0].from_dict(raw).attention_block if family else None  # SDAR's block_size, ...
     if model_block is None:
         raise JobConfigError(f"decoding.host: 'block' needs a block-diffusion model (block-causal attention); "
                              f"{cfg.model.dir} is bidirectional: leave decoding.host unset")

@@ -83,6 +83,8 @@ class DecodeConfig:
     # LLaDA2.1 editing: rewrite committed positions whose prediction changed, with p > this; None = off
     editing_threshold: float | None = None
     max_post_steps: int = 16          # editing: passes after a block's last mask while an edit still fires
+    sub_block: int | None = None      # commit only inside the block's first sub-block of this many positions that
+                                      # still holds a mask (Fast-dLLM v2's decoder: 8); None = the whole block
     # Batching
     batch_size: int = 32              # slots in the forward pass
     continuous: bool = True           # refill freed slots; False leaves finished rows frozen in the batch
@@ -213,10 +215,15 @@ def check_calibrated_with(cfg: DecodeConfig, fitted: dict | None, path: str | Pa
 def _check_block_host(cfg: DecodeConfig) -> None:
     """Fields that belong to one host only are refused on the others, with the fix."""
     if cfg.host != "block":
-        if cfg.lookahead or cfg.editing_threshold is not None:
-            raise ConfigError(f"lookahead / editing_threshold apply to host 'block' (block-diffusion models); "
-                              f"host={cfg.host!r}: leave them unset")
+        if cfg.lookahead or cfg.editing_threshold is not None or cfg.sub_block is not None:
+            raise ConfigError(f"lookahead / editing_threshold / sub_block apply to host 'block' (block-diffusion "
+                              f"models); host={cfg.host!r}: leave them unset")
         return
+    if cfg.sub_block is not None:
+        _positive(cfg, "sub_block")
+        if cfg.block_length is not None and cfg.block_length % cfg.sub_block:
+            raise ConfigError(f"sub_block={cfg.sub_block} does not divide block_length={cfg.block_length}: "
+                              "choose a sub_block that divides the model's attention block")
     if cfg.cache != "none" or cfg.cache_refresh_every is not None:
         raise ConfigError("host 'block' always decodes on its exact block cache: leave cache and "
                           "cache_refresh_every unset (they choose the approximate caches of bidirectional hosts)")

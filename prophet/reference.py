@@ -165,7 +165,8 @@ def _decode_block_row(model: DLM, prompt: list[int], cfg: DecodeConfig, seed: in
             if cfg.rule == "prophet" and phase == "decode":
                 g = _block_pooled_gap(logits, masked, cfg, P, lo, span_hi)
                 steps = (last - first + 1) * S
-                tau = float(prophet_tau(torch.tensor([(b - first) * S + s]), steps, cfg.thresholds, cfg.progress)[0])
+                tau = float(prophet_tau(torch.tensor([(b - first) * S + min(s, S - 1)]), steps, cfg.thresholds,
+                                                cfg.progress)[0])
                 if g >= tau:  # fill every masked position of the forwarded blocks; they are done
                     x[lo:span_hi][masked] = logits.argmax(-1)[masked]
                     if not row.committed_early:
@@ -181,10 +182,12 @@ def _decode_block_row(model: DLM, prompt: list[int], cfg: DecodeConfig, seed: in
             x0, logp = prop.x0.tolist(), prop.logp.tolist()
             blk_masked = masked[:bl].tolist()
             cand = [j for j in range(bl) if blk_masked[j]]
+            if cfg.sub_block is not None and cand:  # the first sub-block still holding a mask
+                cand = [j for j in cand if j // cfg.sub_block == cand[0] // cfg.sub_block]
             chosen: set[int] = set()
             if phase == "decode":
                 order = sorted(cand, key=lambda j: -logp[j])  # stable: ties by position
-                chosen = set(order[:quota[s]])
+                chosen = set(order[:quota[min(s, S - 1)]])  # a sub-block may keep a block past S steps
                 if update_rule(cfg) == "confidence_threshold":
                     chosen |= {j for j in cand if logp[j] > math.log(cfg.confidence)}
                 s += 1

@@ -96,7 +96,9 @@ class BlockDLM(DLM, Protocol):
     def block_logits(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, lengths: torch.Tensor,
                      first_slot: int | None = None, scored: bool = True) -> torch.Tensor:
         """ids (B, Q) at positions (B, Q) (-1 = padding), written into slots (B,), attending to the
-        slot's keys below lengths (B,) -> logits (B, Q, V) ((B, 0, V) when not scored)."""
+        slot's keys below lengths (B,) -> logits (B, Q, V) ((B, 0, V) when not scored). With a
+        `query_lead` of 1 (Dream's shift) the first column is the position before the scored ones and the
+        logits are those of the other columns, aligned: (B, Q - 1, V)."""
         ...
 
 

@@ -137,6 +137,10 @@ def test_bench_gpu_section_runs_the_tiny_models_on_cpu():
     by = {(r["cache"], r["rule"]): r for r in out["decode"]}
     assert by["dual", "full"]["forward_tokens"] < by["prefix", "full"]["forward_tokens"] < \
         by["none", "full"]["forward_tokens"]
+    families = out["block_families"]  # SDAR and Fast-dLLM v2 shapes, tiny here: a block pass and two decodes each
+    assert [(r["family"], r["rule"]) for r in families] == [(f, r) for f in ("sdar-tiny", "fast-dllm-tiny")
+                                                            for r in ("full", "confidence_threshold")]
+    assert all(r["pass_ms"] > 0 and r["tokens_per_s"] > 0 for r in families)
     # LLaDA2 (tiny: 2 layers, the first dense, blocks of 8): one block after a 16-position cache,
     # the one MoE layer timed alone on that forward's hidden states
     two = out["llada2"]

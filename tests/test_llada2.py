@@ -14,7 +14,7 @@ from prophet.models import (CHAR_TOKEN_IDS, LLaDA2Config, LLaDA2Model, ModelLoad
                             char_tokenizer, load_model, save_model)
 from prophet.models.layers import CacheIndex, apply_rotary, rotary_tables
 from prophet.models.loading import SAFE_INDEX, check_model_dir
-from prophet.models.moe import RouterSpec, SigmoidRouter, SparseMoE
+from prophet.models.moe import RouterSpec, Router, SparseMoE
 from tests.test_models import batch, tiny_module
 
 PAD = CHAR_TOKEN_IDS["pad_token_id"]
@@ -169,7 +169,7 @@ def test_moe_grouped_and_looped_paths_agree_with_idle_experts():
 
 def test_router_selects_with_expert_bias_but_weights_by_the_unbiased_scores():
     torch.manual_seed(2)
-    router = SigmoidRouter(16, RouterSpec(8, 2, n_group=1, topk_group=1, scaling=2.5))
+    router = Router(16, RouterSpec(8, 2, n_group=1, topk_group=1, scaling=2.5))
     x = torch.randn(20, 16)
     with torch.no_grad():
         router.expert_bias[5] = 10.0  # far above any sigmoid gap: expert 5 is always chosen
@@ -183,7 +183,7 @@ def test_router_selects_with_expert_bias_but_weights_by_the_unbiased_scores():
 
 def test_router_keeps_its_experts_inside_the_best_groups():
     torch.manual_seed(3)
-    router = SigmoidRouter(16, RouterSpec(16, 3, n_group=4, topk_group=1))
+    router = Router(16, RouterSpec(16, 3, n_group=4, topk_group=1))
     with torch.no_grad():
         idx, _ = router(torch.randn(50, 16))
     assert (idx // 4 == idx[:, :1] // 4).all()  # one group of 4 per token
@@ -326,6 +326,19 @@ LLADA2_TEMPLATE = ("{% for m in messages %}{% set role = m['role'] | upper %}{% 
                    "'<|role_end|>' }}{% endfor %}{% if add_generation_prompt %}{{ '<role>ASSISTANT</role>' }}{% endif %}")
 
 
+def rename_shards(path: Path) -> None:
+    """Give save_model's shards the names model-0000i-of-0000n.safetensors of a published upload (index updated)."""
+    index = json.loads((path / SAFE_INDEX).read_text())
+    names = sorted(set(index["weight_map"].values()))
+    renamed = {old: f"model-{i + 1:05d}-of-{len(names):05d}.safetensors" for i, old in enumerate(names)}
+    for old, new in renamed.items():
+        shutil.move(path / old, path / (new + ".tmp"))
+    for new in renamed.values():
+        shutil.move(path / (new + ".tmp"), path / new)
+    index["weight_map"] = {k: renamed[v] for k, v in index["weight_map"].items()}
+    (path / SAFE_INDEX).write_text(json.dumps(index))
+
+
 def published_dir(tmp_path: Path) -> Path:
     """A tiny LLaDA2 in the vendor's layout: renamed shards with an index, tokenizer.json with the role
     tokens, tokenizer_config.json with the template, config.json in the vendor's keys (no mask id)."""
@@ -342,15 +355,7 @@ def published_dir(tmp_path: Path) -> Path:
     module = tiny_llada2(vocab_size=tok.vocab_size, pad_token_id=ids["<|endoftext|>"],
                          eos_token_id=ids["<|endoftext|>"], mask_token_id=ids["<|mask|>"], block_length=None)
     path = save_model(module, tok, tmp_path / "llada2", max_shard_bytes=30_000)
-    index = json.loads((path / SAFE_INDEX).read_text())
-    names = sorted(set(index["weight_map"].values()))
-    renamed = {old: f"model-{i + 1:05d}-of-{len(names):05d}.safetensors" for i, old in enumerate(names)}
-    for old, new in renamed.items():
-        shutil.move(path / old, path / (new + ".tmp"))
-    for new in renamed.values():
-        shutil.move(path / (new + ".tmp"), path / new)
-    index["weight_map"] = {k: renamed[v] for k, v in index["weight_map"].items()}
-    (path / SAFE_INDEX).write_text(json.dumps(index))
+    rename_shards(path)
     config = {**MINI_JSON, **{k: v for k, v in module.config.to_dict().items() if k in MINI_JSON},
               "pad_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|endoftext|>"],
               "mask_token_id": ids["<|mask|>"]}

@@ -145,12 +145,14 @@ def test_config_max_length_is_not_the_context_and_absent_fields_take_reference_d
     assert DreamConfig.from_dict({"max_position_embeddings": 131072, "max_length": 20}).max_length == 131072
 
 
-@pytest.mark.parametrize("model_type, arch, named", [("llada", "LLaDAMoEModelLM", "LLaDAMoEModelLM"),
-                                                     ("llada_moe", "LLaDAMoEModelLM", "LLaDAMoEModelLM")])
-def test_llada_moe_architectures_are_refused_by_name(tmp_path, model_type, arch, named):
+@pytest.mark.parametrize("arch, named", [("LLaDAMoEModelLM", "missing tensor model.embed_tokens.weight"),
+                                         ("LLaDAFutureModelLM", "LLaDAFutureModelLM")])
+def test_llada_architectures_dispatch_by_name_and_unknown_ones_are_refused(tmp_path, arch, named):
+    # model_type "llada" is dense LLaDA and LLaDA-MoE: the architecture decides, so dense weights under
+    # LLaDA-MoE's name are refused as the wrong tensors, and an unknown architecture by its name
     _, path = _llada(tmp_path)
     config = json.loads((path / "config.json").read_text())
-    (path / "config.json").write_text(json.dumps({**config, "model_type": model_type, "architectures": [arch]}))
+    (path / "config.json").write_text(json.dumps({**config, "architectures": [arch]}))
     with pytest.raises(ModelLoadError, match=named):
         check_model_dir(path)
     with pytest.raises(ModelLoadError, match=named):

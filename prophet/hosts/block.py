@@ -12,7 +12,9 @@ Decisions, shared with the oracle (`prophet.reference`, which recomputes every p
   (block_length spread over S steps, the first ones one more), capped by the masks left, so a
   block always empties within S steps. `full` commits the quota's most confident;
   `confidence_threshold` also every masked position whose probability exceeds `confidence`
-  (LLaDA2's: all above the threshold, else the quota's most confident). Temperature 0 is argmax
+  (LLaDA2's: all above the threshold, else the quota's most confident). `sub_block` (Fast-dLLM
+  v2's decoder) limits the candidates to the block's first sub-block that still holds a mask; the
+  block then runs until empty, its later steps at the last quota. Temperature 0 is argmax
   (LLaDA2's remote code samples even at 0, a known bug); > 0 samples the tempered, filtered
   distribution from counter-based uniforms of (row seed, decode pass, position). The mask token's
   logit is -inf in every use (a committed mask would leave its block unfinishable).
@@ -224,14 +226,22 @@ class BlockBatch:
         nblocks = torch.where(phase == DECODE, 1 + la, torch.where(phase == POST, 1, t["store_hi"] - t["blk"]))
         width = nblocks * bl * live.long()  # (B,) positions each row forwards
         start = t["blk"] * bl
+        # a shifted family (Fast-dLLM v2) also runs the position before the block: its output scores the
+        # block's first position (block-causal, it sees only cached blocks, so its keys/values are rewritten
+        # unchanged); the adapter drops the extra column, so the logits stay (B, W, V)
         cols = torch.arange(W, device=dev)
         real = cols[None] < width[:, None]  # (B, W)
-        pos = torch.where(real, start[:, None] + cols[None], -1)
-        ids = torch.where(real, seq.gather(1, pos.clamp(0, L - 1)), model.pad_id)
+        lead = getattr(model, "query_lead", 0) * (width > 0).long()  # (B,)
+        pos = torch.where(real, start[:, None] + cols[None], -1)  # (B, W) the scored positions
+        qcols = torch.arange(W + int(getattr(model, "query_lead", 0)), device=dev)
+        qpos = start[:, None] - lead[:, None] + qcols[None]
+        qreal = (qcols[None] < (width + lead)[:, None]) & (qpos >= 0)  # (B, W + lead) the forwarded ones
+        qpos = torch.where(qreal, qpos, -1)
+        ids = torch.where(qreal, seq.gather(1, qpos.clamp(0, L - 1)), model.pad_id)
         scored = any(s.phase != STORE and not s.done for s in self.slots)
-        logits = model.block_logits(ids, pos, torch.arange(B, device=dev), start + width, 0, scored)  # (B, W, V)
+        logits = model.block_logits(ids, qpos, torch.arange(B, device=dev), start + width, 0, scored)  # (B, W, V)
         t["used"] += live.long()
-        t["ftok"] += width
+        t["ftok"] += width + lead
         scoring = live & (phase != STORE)
         if not scored:
             return self._advance(scoring, torch.zeros_like(live), torch.zeros_like(live), torch.zeros_like(live))
@@ -250,6 +260,10 @@ class BlockBatch:
         prop = block_proposals(logits[:, :bl], cfg, keys, self.stops, model.mask_id)
         decoding = ok & (phase == DECODE) & ~fire
         valid = masked & decoding[:, None]
+        if cfg.sub_block is not None:  # only the first sub-block that still holds a mask (Fast-dLLM v2)
+            sub = cols[:bl] // cfg.sub_block                                              # (bl,)
+            first_sub = torch.where(masked, sub[None], bl).amin(1, keepdim=True)          # (B, 1)
+            valid &= sub[None] == first_sub
         k = self.quota[t["sstep"].clamp(max=self.S - 1)]
         reveal = above_confidence(prop.logp, cfg.confidence) if update_rule(cfg) == "confidence_threshold" else None
         sel = select_positions(rank_desc(prop.logp, valid.long()), valid, k, reveal)

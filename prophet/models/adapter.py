@@ -79,9 +79,12 @@ class NativeAdapter:
         each row's own sequence (-1 = padding); their keys/values are written into slot slots[b], and
         each query attends to the slot's keys below lengths[b] that the model's attention allows
         (block-causal: its own block and earlier ones) -> logits (B, Q, V), or with scored=False
-        (a pass that only stores keys/values) (B, 0, V) without running the LM head."""
+        (a pass that only stores keys/values) (B, 0, V) without running the LM head. A shifted family
+        (query_lead 1: Dream's shift) takes, as the first column, the position before the first scored one
+        and returns the aligned logits of the other columns (B, Q - 1, V): raw column j scores column j + 1."""
         keep = None if scored else torch.zeros(ids.shape[0], 0, dtype=torch.long, device=ids.device)
-        return self.module(ids, None, cache=CacheIndex(slots, positions, lengths, first_slot), keep=keep)
+        out = self.module(ids, None, cache=CacheIndex(slots, positions, lengths, first_slot), keep=keep)
+        return out[:, :-self.query_lead] if self.query_lead and scored else out
 
     @torch.no_grad()  # not inference_mode: the decoder edits the logits in place
     def cached_logits(self, ids: torch.Tensor, attention_mask: torch.Tensor, slots: torch.Tensor,

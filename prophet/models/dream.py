@@ -4,12 +4,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
 from torch import nn
 
+from prophet.models.errors import ModelLoadError
 from prophet.models.family import FamilyConfig, TransformersSizes, check_heads
-from prophet.models.layers import (AttentionInputs, CacheIndex, KVCache, KVCaches, RMSNorm, attention_inputs,
-                                   head_inputs, init_weights, self_attention, swiglu)
+from prophet.models.layers import DecoderLayer, DecoderLM, ProjAttention, SwiGLU
 
 
 @dataclass
@@ -58,93 +57,57 @@ class DreamConfig(TransformersSizes, FamilyConfig):
         check_heads(self.hidden_size, self.num_attention_heads, self.num_key_value_heads)
 
 
-class DreamAttention(nn.Module):
-    """Qwen2 attention projections: biases on q, k and v only."""
-
-    def __init__(self, c: DreamConfig) -> None:
-        super().__init__()
-        head_dim = c.hidden_size // c.num_attention_heads
-        self.n_heads, self.n_kv_heads = c.num_attention_heads, c.num_key_value_heads
-        self.q_proj = nn.Linear(c.hidden_size, self.n_heads * head_dim, bias=True)
-        self.k_proj = nn.Linear(c.hidden_size, self.n_kv_heads * head_dim, bias=True)
-        self.v_proj = nn.Linear(c.hidden_size, self.n_kv_heads * head_dim, bias=True)
-        self.o_proj = nn.Linear(self.n_heads * head_dim, c.hidden_size, bias=False)
-        self.kv_cache: KVCache | None = None  # set by DreamModel.setup_cache
-
-    def forward(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
-        return self_attention(x, self.q_proj, self.k_proj, self.v_proj, self.o_proj,
-                              self.n_heads, self.n_kv_heads, inputs, self.kv_cache)
-
-
-class DreamMLP(nn.Module):
-    """SwiGLU with Qwen2's names."""
-
-    def __init__(self, c: DreamConfig) -> None:
-        super().__init__()
-        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return swiglu(x, self.gate_proj, self.up_proj, self.down_proj)
-
-
-class DreamLayer(nn.Module):
-    """Pre-norm bidirectional attention + SwiGLU."""
-
-    def __init__(self, c: DreamConfig) -> None:
-        super().__init__()
-        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.self_attn = DreamAttention(c)
-        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.mlp = DreamMLP(c)
-
-    def forward(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), inputs)
-        return x + self.mlp(self.post_attention_layernorm(x))
-
-
-class DreamModel(KVCaches, nn.Module):
-    """Dream: forward(input_ids, attention_mask) -> raw logits (B, L, vocab_size).
+class DreamModel(DecoderLM):
+    """Dream: forward(input_ids, attention_mask) -> raw logits (B, L, vocab_size), bidirectional.
 
     Raw means unshifted: the logit at j-1 predicts the token at j. The adapter applies the shift.
+    Qwen2 layers: biases on q, k and v only, no q/k norms.
     """
 
-    def __init__(self, config: DreamConfig) -> None:
-        super().__init__()
-        self.config = config
-        c = config
-        self.model = nn.Module()
-        self.model.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
-        self.model.layers = nn.ModuleList(DreamLayer(c) for _ in range(c.num_hidden_layers))
-        self.model.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
-        init_weights(self, c.initializer_range)
+    def layer(self, index: int) -> nn.Module:
+        c = self.config
+        attn = ProjAttention(c.hidden_size, c.num_attention_heads, c.num_key_value_heads, self.head_dim,
+                             qkv_bias=True)
+        return DecoderLayer(c.hidden_size, c.rms_norm_eps, attn, SwiGLU(c.hidden_size, c.intermediate_size))
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                logits_to_keep: int = 0, cache: CacheIndex | None = None,
-                keep: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids (B, L) int64, attention_mask (B, L) (True/1 = real, None = no padding) -> (B, L, V);
-        logits_to_keep > 0: the LM head runs on the last that many positions only -> (B, keep, V);
-        keep (B, K): on those query columns only -> (B, K, V). With `cache` the queries sit at
-        cache.positions and attend to their slots' cached keys/values (see setup_cache)."""
-        inputs = attention_inputs(input_ids, attention_mask, self.head_dim, self.config.rope_theta,
-                                  cache, self.cache_length)
-        x = self.model.embed_tokens(input_ids)                  # (B, L, C)
-        for layer in self.model.layers:
-            x = layer(x, inputs)
-        return self.lm_head(self.model.norm(head_inputs(x, logits_to_keep, keep)))  # (B, L or K, V)
+
+@dataclass
+class FastDLLMConfig(DreamConfig):
+    """Fast-dLLM v2's config.json (`Fast_dLLM_QwenForCausalLM`, Qwen2 names and Dream's module); the
+    defaults are Fast_dLLM_v2_7B's (Qwen2.5-7B-Instruct sizes). Block-causal attention in blocks of
+    `bd_size` (32), the logits shifted as Dream's; the mask id (151665, `|<MASK>|`) is a generation
+    default, not in config.json; <|im_end|> (151645) ends the answer."""
+
+    max_position_embeddings: int = 32768
+    tie_word_embeddings: bool = False        # lm_head is the embedding (Fast_dLLM_v2_1.5B, Qwen2.5-1.5B's sizes)
+    bd_size: int = 32                        # attention block (the vendor's key)
+    mask_token_id: int = 151665
+    eos_token_id: int = 151645               # <|im_end|>: the reference decoder's stop token
+    eot_token_id: int | None = 151645
+
+    model_type: ClassVar[str] = "Fast_dLLM_Qwen"
+    architectures: ClassVar[tuple[str, ...]] = ("Fast_dLLM_QwenForCausalLM",)
+    default_host: ClassVar[str] = "block"
+    default_block_length: ClassVar[int] = 32
+    required_values: ClassVar[dict] = {
+        "hidden_act": ("silu",), "rope_scaling": (None,), "use_sliding_window": (False,),
+    }
+    written_constants: ClassVar[dict] = {
+        "hidden_act": "silu", "rope_scaling": None, "use_sliding_window": False, "use_cache": False,
+    }
+    # Qwen2Config's defaults (the vendor's configuration class derives from it): what an absent key means.
+    reference_defaults: ClassVar[dict] = {
+        "vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": 32, "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": False,
+    }
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.bd_size < 1:
+            raise ModelLoadError(f"config.json: bd_size must be positive (got {self.bd_size})")
 
     @property
-    def head_dim(self) -> int:
-        return self.config.hidden_size // self.config.num_attention_heads
-
-    block_length: int | None = None  # bidirectional attention
-
-    @property
-    def kv_heads(self) -> int:
-        return self.config.num_key_value_heads
-
-    def cache_holders(self) -> list[nn.Module]:
-        """The attention modules that hold the keys/values."""
-        return [layer.self_attn for layer in self.model.layers]
+    def attention_block(self) -> int | None:
+        """Block of the block-causal attention: config.json's bd_size."""
+        return self.bd_size

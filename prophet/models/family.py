@@ -29,6 +29,12 @@ class FamilyConfig:
     # keys written to config.json for fidelity with the published files; never read back.
     written_constants: ClassVar[dict[str, Any]] = {}
 
+    @property
+    def attention_block(self) -> int | None:
+        """Block of a block-diffusion family's block-causal attention (config.json's or the family's);
+        None = bidirectional."""
+        return None
+
     @classmethod
     def matches(cls, raw: dict) -> bool:
         """Whether a config.json dict names this family: its architectures when listed (one model_type

@@ -290,3 +290,125 @@ def init_weights(module: nn.Module, std: float) -> None:
             nn.init.normal_(m.weight, std=std)
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
+
+
+class ProjAttention(nn.Module):
+    """Attention with separate q/k/v/o projections under the Llama/Qwen names: biases on q, k and v
+    (Qwen2, Dream, Fast-dLLM v2) or none, and per-head RMSNorm of queries and keys before the rotary
+    (`q_norm`/`k_norm`: Qwen3, SDAR, LLaDA-MoE) or none. The mask (bidirectional or block-causal) is
+    the forward's; with a cache the keys/values go through `kv_cache` (see `attend`)."""
+
+    def __init__(self, width: int, n_heads: int, n_kv_heads: int, head_dim: int, qkv_bias: bool = False,
+                 qk_norm_eps: float | None = None) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.q_proj = nn.Linear(width, n_heads * head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(width, n_kv_heads * head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(width, n_kv_heads * head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(n_heads * head_dim, width, bias=False)
+        self.q_norm = RMSNorm(head_dim, qk_norm_eps) if qk_norm_eps is not None else None
+        self.k_norm = RMSNorm(head_dim, qk_norm_eps) if qk_norm_eps is not None else None
+        self.kv_cache: KVCache | None = None  # set by KVCaches.setup_cache
+
+    def forward(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
+        B, L, _ = x.shape
+        q = self.q_proj(x).view(B, L, self.n_heads, self.head_dim)     # (B, L, H, D)
+        k = self.k_proj(x).view(B, L, self.n_kv_heads, self.head_dim)  # (B, L, Hkv, D)
+        v = self.v_proj(x).view(B, L, self.n_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)                      # type: ignore[misc]
+        q = apply_rotary(q.transpose(1, 2), inputs.cos, inputs.sin)    # (B, H, L, D)
+        k = apply_rotary(k.transpose(1, 2), inputs.cos, inputs.sin)    # (B, Hkv, L, D)
+        return self.o_proj(attend(q, k, v.transpose(1, 2), inputs, self.kv_cache))  # (B, L, C)
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)) under the Llama/Qwen names, no biases: a dense MLP, one routed expert
+    or the fused shared experts."""
+
+    def __init__(self, width: int, inner: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(width, inner, bias=False)
+        self.up_proj = nn.Linear(width, inner, bias=False)
+        self.down_proj = nn.Linear(inner, width, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return swiglu(x, self.gate_proj, self.up_proj, self.down_proj)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm: x + self_attn(input_layernorm(x)), then x + mlp(post_attention_layernorm(x))."""
+
+    def __init__(self, width: int, eps: float, self_attn: nn.Module, mlp: nn.Module) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(width, eps)
+        self.self_attn = self_attn
+        self.post_attention_layernorm = RMSNorm(width, eps)
+        self.mlp = mlp
+
+    def forward(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), inputs)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderLM(KVCaches, nn.Module):
+    """The Llama/Qwen skeleton that Dream, Fast-dLLM v2, SDAR and LLaDA-MoE share: model.embed_tokens,
+    model.layers (built by the family's `layer`), model.norm and lm_head (absent when the config ties it
+    to the embedding). forward(input_ids, attention_mask) -> raw logits (B, L, vocab_size), never shifted
+    (the adapter owns Dream's shift).
+
+    The config names the sizes in transformers' keys (hidden_size, num_attention_heads, ...) and its
+    `attention_block` (None = bidirectional, else block-causal attention in blocks of that many
+    positions; the loader may override `block_length` for a checkpoint trained with another).
+    """
+
+    def __init__(self, config) -> None:  # a FamilyConfig dataclass with transformers' keys
+        super().__init__()
+        self.config = c = config
+        self.block_length: int | None = c.attention_block
+        self.model = nn.Module()
+        self.model.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.model.layers = nn.ModuleList(self.layer(i) for i in range(c.num_hidden_layers))
+        self.model.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        tied = getattr(c, "tie_word_embeddings", False)
+        self.lm_head = None if tied else nn.Linear(c.hidden_size, c.vocab_size, bias=False)
+        init_weights(self, c.initializer_range)
+
+    def layer(self, index: int) -> nn.Module:
+        """The family's decoder layer `index` (attention under `self_attn`, its MLP under `mlp`)."""
+        raise NotImplementedError
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                logits_to_keep: int = 0, cache: CacheIndex | None = None,
+                keep: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids (B, L) int64, attention_mask (B, L) (True/1 = real, None = no padding) -> (B, L, V);
+        logits_to_keep > 0: the LM head runs on the last that many positions only -> (B, keep, V);
+        keep (B, K): on those query columns only -> (B, K, V). With `cache` the queries sit at
+        cache.positions and attend to their slots' cached keys/values (see setup_cache)."""
+        inputs = attention_inputs(input_ids, attention_mask, self.head_dim, self.config.rope_theta,
+                                  cache, self.cache_length, self.block_length)
+        return self.head(self.hidden(input_ids, inputs), logits_to_keep, keep)
+
+    def hidden(self, input_ids: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
+        """Last layer's hidden states (B, L, C) under prepared attention inputs."""
+        x = self.model.embed_tokens(input_ids)                  # (B, L, C)
+        for layer in self.model.layers:
+            x = layer(x, inputs)
+        return x
+
+    def head(self, x: torch.Tensor, logits_to_keep: int = 0, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Final norm and LM head on the kept positions: (B, L, C) -> (B, L or K, V)."""
+        h = self.model.norm(head_inputs(x, logits_to_keep, keep))
+        return F.linear(h, self.model.embed_tokens.weight) if self.lm_head is None else self.lm_head(h)
+
+    @property
+    def head_dim(self) -> int:
+        return getattr(self.config, "head_dim", None) or self.config.hidden_size // self.config.num_attention_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.config.num_key_value_heads
+
+    def cache_holders(self) -> list[nn.Module]:
+        """The attention modules that hold the keys/values."""
+        return [layer.self_attn for layer in self.model.layers]

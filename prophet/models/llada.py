@@ -37,10 +37,6 @@ class LLaDAConfig(FamilyConfig):
     family: ClassVar[str] = "llada"
     model_type: ClassVar[str] = "llada"
     architectures: ClassVar[tuple[str, ...]] = ("LLaDAModelLM",)
-    other_architectures: ClassVar[dict[str, str]] = {
-        "LLaDAMoEModelLM": "LLaDA-MoE (mixture-of-experts blocks) shares model_type 'llada' but not "
-                           "dense LLaDA's weights",
-    }
     default_host: ClassVar[str] = "llada"
     shift_logits: ClassVar[bool] = False
     required_values: ClassVar[dict] = {

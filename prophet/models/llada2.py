@@ -16,8 +16,8 @@ from torch import nn
 from prophet.models.errors import ModelLoadError
 from prophet.models.family import FamilyConfig, TransformersSizes, check_heads
 from prophet.models.layers import (AttentionInputs, CacheIndex, KVCache, KVCaches, RMSNorm, apply_rotary, attend,
-                                   attention_inputs, head_inputs, init_weights)
-from prophet.models.moe import RouterSpec, SparseMoE, SwiGLUExpert
+                                   SwiGLU, attention_inputs, head_inputs, init_weights)
+from prophet.models.moe import RouterSpec, SparseMoE
 
 # config.json keys that mark a LLaDA2.2 checkpoint: its insert/delete edit tokens (SGLang's
 # JointThresholdInDel reads them from the checkpoint). 2.2 also routes experts per block, which a
@@ -115,6 +115,11 @@ class LLaDA2Config(TransformersSizes, FamilyConfig):
             raise ModelLoadError(f"config.json: block_length must be positive (got {self.block_length})")
 
     @property
+    def attention_block(self) -> int:
+        """Block of the block-causal attention: block_length, else the family's 32."""
+        return self.block_length or self.default_block_length
+
+    @property
     def rotary_dim(self) -> int:
         """Rotated dims of each head (the first ones)."""
         return int(int(self.head_dim) * self.partial_rotary_factor)  # type: ignore[arg-type]
@@ -168,7 +173,7 @@ class LLaDA2Layer(nn.Module):
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.attention = LLaDA2Attention(c)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.mlp: nn.Module = (SwiGLUExpert(c.hidden_size, int(c.intermediate_size)) if index < c.dense_layers
+        self.mlp: nn.Module = (SwiGLU(c.hidden_size, int(c.intermediate_size)) if index < c.dense_layers
                                else SparseMoE(c.hidden_size, int(c.moe_intermediate_size), c.router, c.shared_width))
 
     def forward(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
@@ -187,7 +192,7 @@ class LLaDA2Model(KVCaches, nn.Module):
         super().__init__()
         self.config = config
         c = config
-        self.block_length: int = c.block_length or c.default_block_length
+        self.block_length: int = c.attention_block
         self.model = nn.Module()
         self.model.word_embeddings = nn.Embedding(c.vocab_size, c.hidden_size)
         self.model.layers = nn.ModuleList(LLaDA2Layer(c, i) for i in range(c.num_hidden_layers))

@@ -20,12 +20,14 @@ from safetensors.torch import save_file
 from torch import nn
 
 from prophet.models.adapter import NativeAdapter
-from prophet.models.dream import DreamConfig, DreamModel
+from prophet.models.dream import DreamConfig, DreamModel, FastDLLMConfig
 from prophet.models.errors import ModelLoadError
 from prophet.models.family import FamilyConfig
 from prophet.models.hf import check_remote_code, is_masked_lm_config, load_masked_lm
 from prophet.models.llada import LLaDAConfig, LLaDAModel
 from prophet.models.llada2 import LLaDA2Config, LLaDA2Model
+from prophet.models.llada_moe import LLaDAMoEConfig, LLaDAMoEModel
+from prophet.models.sdar import SDARConfig, SDARModel, SDARMoeConfig
 from prophet.models.tokenizer import (CHAT_TEMPLATE_FILE, MERGES_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE,
                                       VOCAB_FILE, Tokenizer)
 from prophet.types import TextDLM
@@ -47,12 +49,14 @@ NATIVE_FAMILIES: tuple[tuple[type[FamilyConfig], type[nn.Module]], ...] = (
     (LLaDAConfig, LLaDAModel),
     (DreamConfig, DreamModel),
     (LLaDA2Config, LLaDA2Model),
+    (SDARConfig, SDARModel),
+    (SDARMoeConfig, SDARModel),
+    (FastDLLMConfig, DreamModel),
+    (LLaDAMoEConfig, LLaDAMoEModel),
 )
 
 # Published model types named by the project's users that no native module implements, and why.
-UNSUPPORTED_MODEL_TYPES = {
-    "llada_moe": "LLaDA-MoE is not implemented natively",
-}
+UNSUPPORTED_MODEL_TYPES: dict[str, str] = {}
 
 
 @dataclass
@@ -75,8 +79,13 @@ def read_config(path: Path) -> dict:
 
 
 def native_family(raw: dict) -> tuple[type[FamilyConfig], type[nn.Module]] | None:
-    """(config class, module class) of the native family config.json names, or None."""
-    return next(((c, m) for c, m in NATIVE_FAMILIES if c.matches(raw)), None)
+    """(config class, module class) of the native family config.json names, or None.
+
+    A listed architecture decides first (one model_type may cover several families: "llada" is dense
+    LLaDA and LLaDA-MoE); then the model_type, which refuses an architecture none implements."""
+    listed = raw.get("architectures") or []
+    by_name = next(((c, m) for c, m in NATIVE_FAMILIES if any(a in c.architectures for a in listed)), None)
+    return by_name or next(((c, m) for c, m in NATIVE_FAMILIES if c.matches(raw)), None)
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, *,
@@ -84,7 +93,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
                revision: str | None = None, block_length: int | None = None) -> TextDLM:
     """Load a model directory as a TextDLM: a native family, else a transformers masked LM.
 
-    block_length: the attention block of a block-diffusion family (LLaDA2), for a checkpoint trained
+    block_length: the attention block of a block-diffusion family (LLaDA2, SDAR, Fast-dLLM v2), for a checkpoint trained
     with another than the one its config.json (or the family) names; refused for other families.
     """
     check_remote_code(trust_remote_code, revision)
@@ -108,8 +117,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
 def _check_block_length(config: FamilyConfig, block_length: int) -> None:
     """Refuse a block_length for a bidirectional family, or one that is not positive."""
     if getattr(config, "default_block_length", None) is None:
+        blocky = sorted({c.family for c, _ in NATIVE_FAMILIES if getattr(c, "default_block_length", None)})
         raise ModelLoadError(f"block_length={block_length} was given, but {config.family} attention is "
-                             "bidirectional: only block-diffusion families (llada2) take a block_length")
+                             f"bidirectional: only block-diffusion families ({', '.join(blocky)}) take a block_length")
     if int(block_length) < 1:
         raise ModelLoadError(f"block_length must be positive (got {block_length})")
 

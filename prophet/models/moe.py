@@ -9,17 +9,19 @@ matmuls over the sorted tokens with the group offsets on the device: no host syn
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prophet.models.layers import swiglu
+from prophet.models.layers import SwiGLU
 
 
 @dataclass(frozen=True)
 class RouterSpec:
-    """How tokens choose experts (DeepSeek-V3 style, as LLaDA2 routes)."""
+    """How tokens choose experts: LLaDA2's sigmoid with expert_bias within groups (DeepSeek-V3 style),
+    or a plain softmax top-k (Qwen3-MoE / SDAR-MoE with renormalised weights, OLMoE / LLaDA-MoE without)."""
 
     n_experts: int
     top_k: int                    # experts per token
@@ -27,13 +29,16 @@ class RouterSpec:
     topk_group: int = 1           # ... of which each token may use the best this many
     norm_topk_prob: bool = True   # renormalise the chosen experts' scores to sum 1
     scaling: float = 1.0          # routed_scaling_factor, applied after the renormalisation
+    score: Literal["sigmoid", "softmax"] = "sigmoid"  # sigmoid per expert, or softmax over the experts
+    expert_bias: bool = True      # a learned per-expert selection bias (buffer `expert_bias`; LLaDA2)
 
 
-class SigmoidRouter(nn.Module):
-    """Sigmoid scores in float32, selection by scores + expert_bias within the best groups.
+class Router(nn.Module):
+    """Scores in float32 (sigmoid or softmax of x W^T), selection by scores (+ expert_bias) within the
+    best groups, combine weights the chosen experts' own scores (renormalised, scaled as the spec says).
 
-    `expert_bias` changes which experts are chosen (load balancing learned in training), never the
-    weights they are combined with: those are the chosen experts' own sigmoid scores.
+    `expert_bias`, where the spec has one, changes which experts are chosen (load balancing learned in
+    training), never the weights they are combined with. Published names: `weight`, `expert_bias`.
     """
 
     def __init__(self, width: int, spec: RouterSpec) -> None:
@@ -45,14 +50,18 @@ class SigmoidRouter(nn.Module):
             raise ValueError(f"router: top_k {spec.top_k} exceeds the experts of {spec.topk_group} groups")
         self.spec = spec
         self.weight = nn.Parameter(torch.empty(spec.n_experts, width))
-        self.register_buffer("expert_bias", torch.zeros(spec.n_experts))
+        if spec.expert_bias:
+            self.register_buffer("expert_bias", torch.zeros(spec.n_experts))
+        else:
+            self.expert_bias = None
         nn.init.normal_(self.weight, std=0.02)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (N, C) -> chosen experts (N, k) int64 and their combine weights (N, k) float32."""
         s = self.spec
-        scores = torch.sigmoid(F.linear(x.float(), self.weight.float()))   # (N, E)
-        biased = scores + self.expert_bias.float()
+        logits = F.linear(x.float(), self.weight.float())                     # (N, E)
+        scores = torch.sigmoid(logits) if s.score == "sigmoid" else logits.softmax(-1)
+        biased = scores if self.expert_bias is None else scores + self.expert_bias.float()
         idx = group_limited_topk(biased, s.top_k, s.n_group, s.topk_group)  # (N, k)
         w = scores.gather(1, idx)                                           # unbiased scores
         if s.norm_topk_prob and s.top_k > 1:
@@ -74,31 +83,18 @@ def group_limited_topk(scores: torch.Tensor, top_k: int, n_group: int, topk_grou
     return masked.topk(top_k, dim=-1).indices
 
 
-class SwiGLUExpert(nn.Module):
-    """One expert (or the shared experts, fused): down(silu(gate(x)) * up(x)), no biases."""
-
-    def __init__(self, width: int, inner: int) -> None:
-        super().__init__()
-        self.gate_proj = nn.Linear(width, inner, bias=False)
-        self.up_proj = nn.Linear(width, inner, bias=False)
-        self.down_proj = nn.Linear(inner, width, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return swiglu(x, self.gate_proj, self.up_proj, self.down_proj)
-
-
 class SparseMoE(nn.Module):
     """Routed SwiGLU experts plus optional always-on shared experts: (B, L, C) -> (B, L, C).
 
-    Parameter names are the published ones: gate.weight, gate.expert_bias, experts.{j}.{gate,up,
-    down}_proj.weight, shared_experts.{gate,up,down}_proj.weight.
+    Parameter names are the published ones: gate.weight, gate.expert_bias (LLaDA2 only),
+    experts.{j}.{gate,up,down}_proj.weight, shared_experts.{gate,up,down}_proj.weight.
     """
 
     def __init__(self, width: int, inner: int, spec: RouterSpec, shared_inner: int = 0) -> None:
         super().__init__()
-        self.gate = SigmoidRouter(width, spec)
-        self.experts = nn.ModuleList(SwiGLUExpert(width, inner) for _ in range(spec.n_experts))
-        self.shared_experts = SwiGLUExpert(width, shared_inner) if shared_inner else None
+        self.gate = Router(width, spec)
+        self.experts = nn.ModuleList(SwiGLU(width, inner) for _ in range(spec.n_experts))
+        self.shared_experts = SwiGLU(width, shared_inner) if shared_inner else None
         self._packed: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
