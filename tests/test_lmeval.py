@@ -20,6 +20,7 @@ from prophet.tasks import get_task  # noqa: E402
 from prophet.tasks.evaluation import run_task, task_config  # noqa: E402
 
 LLADA, DREAM = ROOT / "checkpoints" / "tiny-llada", ROOT / "checkpoints" / "tiny-dream"
+LLADA2 = ROOT / "checkpoints" / "tiny-llada2"  # block diffusion: the block host, blocks of 8
 N = 20
 
 
@@ -89,6 +90,22 @@ def test_simple_evaluate_with_an_instance_matches_evaluate(task_manager):
     assert res["results"]["prophet_sudoku4"]["exact_match,none"] == pytest.approx(ref.accuracy)
     assert lm.summary()["prophet_sudoku4"]["mean_steps"] == pytest.approx(ref.mean_steps)
     assert lm.summary()["prophet_sudoku4"]["speedup"] == pytest.approx(1.0)  # budget is the config's 2 steps
+
+
+def test_simple_evaluate_on_the_tiny_block_model_matches_evaluate(task_manager):
+    # the shipped block-diffusion model through lm-eval: its family's host, LLaDA2's threshold rule,
+    # the same accuracy, steps and forward tokens as jobs/evaluate.py's run of those prompts
+    from lm_eval import simple_evaluate
+
+    lm = ProphetLM(model=str(LLADA2), gen_length=24, steps=24, rule="confidence_threshold", batch_size=8)
+    res = simple_evaluate(model=lm, tasks=["prophet_sudoku4"], task_manager=task_manager)
+    ref = reference(LLADA2, rule="confidence_threshold")
+    assert lm.config_for(24).host == "block"
+    assert res["results"]["prophet_sudoku4"]["exact_match,none"] == pytest.approx(ref.accuracy)
+    assert ref.accuracy > 0.5  # a trained model: the comparison is not of two failures
+    summary = lm.summary()["prophet_sudoku4"]
+    assert summary["mean_steps"] == pytest.approx(ref.mean_steps)
+    assert summary["mean_forward_tokens"] == pytest.approx(float(sum(ref.forward_tokens)) / N)
 
 
 def test_model_args_are_coerced_to_decode_config_fields():
