@@ -265,8 +265,10 @@ def calibrate_block(model: TextDLM, task: Task, examples: Sequence[Example], tol
     passing = sorted((r for r in runs if r[1].accuracy >= floor), key=order)
     if not passing:
         beat = f" and above Half ({halved.accuracy:.4f})" if halved else ""
+        top = max(runs, key=lambda r: (r[1].accuracy, -r[1].mean_steps))[1]
         raise RuntimeError(f"no Prophet setting kept accuracy within {tolerance} points of Full "
-                           f"({full.accuracy:.4f}){beat} on {task.name}: raise the tolerance"
+                           f"({full.accuracy:.4f}){beat} on {task.name} (the most accurate of {len(runs)}: "
+                           f"{top.rule}, {top.accuracy:.4f} at {top.mean_steps:.2f} steps): raise the tolerance"
                            + (", or drop the Half condition (--no-beat-half)" if halved else "")
                            + ", or widen BLOCK_LEVELS")
     best: dict[tuple, tuple[Candidate, Outcome]] = {}
