@@ -37,6 +37,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--temperature", type=float, default=0.0,
                    help="fit on sampled paths (the jobs' --temperature); recorded in calibrated_with")
+    p.add_argument("--region", default="block", choices=("block", "window"),
+                   help="block host only: the region Prophet watches (other hosts sweep 'window')")
+    p.add_argument("--parallel", default="none", choices=("none", "confidence_threshold"),
+                   help="block host only: Prophet's normal update (the threshold rule on top with --confidence)")
+    p.add_argument("--confidence", type=float, default=0.95, help="--parallel confidence_threshold: its threshold")
     p.add_argument("--out", type=Path, help="output file; default MODEL/calibration.json")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     return p.parse_args(argv)
@@ -50,7 +55,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     task = get_task(args.task)
     model = load_model(args.model)
     examples = task.examples("valid", task.available("valid", args.n), seed=args.seed)
-    result = calibrate(model, task, examples, args.tolerance, beat_half=args.beat_half, temperature=args.temperature)
+    result = calibrate(model, task, examples, args.tolerance, beat_half=args.beat_half, temperature=args.temperature,
+                       region=args.region, parallel=args.parallel, confidence=args.confidence)
     result["command"] = "jobs/calibrate.py " + " ".join(argv if argv is not None else sys.argv[1:])
     out = args.out or args.model / "calibration.json"
     out.write_text(json.dumps(result, indent=2) + "\n")

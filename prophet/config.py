@@ -156,7 +156,7 @@ class DecodeConfig:
     def with_calibration(self, path: str | Path) -> "DecodeConfig":
         """This config with the rule, thresholds, region and statistic of a calibration file."""
         data = json.loads(Path(path).read_text())
-        allowed = {"rule", "thresholds", "region", "statistic", "quantile", "confidence"}
+        allowed = {"rule", "thresholds", "region", "statistic", "quantile", "confidence", "parallel"}
         unknown = set(data.get("decode", {})) - allowed
         if "decode" not in data or unknown:
             raise ConfigError(f"{path}: a calibration file holds {{'decode': {{...}}}} with keys "

@@ -7,6 +7,11 @@ Full run, recording at every step each row's window, top-2 gaps and argmax, tell
 (thresholds, region, statistic) at which step a row would go all in and what it would write.
 Thousands of settings are scored from that trace; the chosen one is then run for real through
 `prophet.decode` and only a setting that passes for real is kept.
+
+The block host (`decoding.host: block`) is calibrated differently: after Prophet fills a block the
+row decodes its next block from that fill, not from Full's, so the trace no longer predicts the
+rest of the row. There every setting of a smaller grid (BLOCK_LEVELS x BLOCK_SHAPES x
+BLOCK_STATISTICS) is run for real; a tiny model decodes a validation split in seconds.
 """
 from __future__ import annotations
 
@@ -34,6 +39,12 @@ HOST_FIELDS = ("host", "gen_length", "steps", "block_length", "remasking", "alg"
                "confidence_eos_eot_inf", "progress")
 
 
+# The block host's grid, every setting decoded for real (see the module docstring).
+BLOCK_LEVELS: tuple[float, ...] = tuple(x / 2 for x in range(1, 25))  # 0.5 .. 12
+BLOCK_SHAPES: tuple[float, ...] = (0.0, 1.0)
+BLOCK_STATISTICS: tuple[tuple[str, float], ...] = (("mean", 0.1), ("min", 0.1))
+
+
 @dataclass(frozen=True)
 class Candidate:
     """One Prophet setting of the sweep."""
@@ -43,6 +54,8 @@ class Candidate:
     quantile: float
     shape: float
     level: float
+    parallel: str = "none"        # block host: Prophet's normal update ('confidence_threshold' on top)
+    confidence: float | None = None
 
     @property
     def thresholds(self) -> tuple[float, float, float]:
@@ -51,8 +64,11 @@ class Candidate:
 
     def decode_fields(self) -> dict:
         """The calibration file's 'decode' dict (what DecodeConfig.with_calibration reads)."""
-        return {"rule": "prophet", "thresholds": list(self.thresholds), "region": self.region,
-                "statistic": self.statistic, "quantile": self.quantile}
+        out = {"rule": "prophet", "thresholds": list(self.thresholds), "region": self.region,
+               "statistic": self.statistic, "quantile": self.quantile}
+        if self.parallel != "none":
+            out |= {"parallel": self.parallel, "confidence": self.confidence}
+        return out
 
 
 class TracingModel:
@@ -177,15 +193,21 @@ def accuracy_floor(full: float, tolerance: float, half: float | None = None, n: 
 
 def calibrate(model: TextDLM, task: Task, examples: Sequence[Example], tolerance: float = 0.5,
               log: Callable[[str], None] = print, max_verify: int = 5, beat_half: bool = True,
-              temperature: float = 0.0) -> dict:
+              temperature: float = 0.0, region: str = "block", parallel: str = "none",
+              confidence: float = 0.95) -> dict:
     """Sweep on `examples` and return the calibration file's dict (decode fields + validation table).
 
     tolerance is in accuracy points (0.5 = half a percentage point below Full). beat_half: the
     setting must also be more accurate than Half (half the steps), the paper's comparison; a
     setting that is not is no better than halving the budget. temperature > 0 fits on sampled paths:
     the trace still holds, as each row's noise comes from its seed and Prophet's all-in fill is the argmax.
+    region, parallel and confidence (Prophet's normal update: the threshold rule on top) apply to the
+    block host only (`calibrate_block`); the other hosts sweep region 'window' with their schedule.
     """
     full_cfg = task_config(model, task, temperature=temperature)
+    if full_cfg.host == "block":
+        return calibrate_block(model, task, examples, tolerance, log, beat_half, temperature, region, parallel,
+                               confidence)
     trace = trace_full(model, task, examples, full_cfg)
     full = trace.full
     halved = run_task(model, task, examples, half(full_cfg)) if beat_half else None
@@ -218,3 +240,51 @@ def calibrate(model: TextDLM, task: Task, examples: Sequence[Example], tolerance
                        f"({full.accuracy:.4f}){beat} on {task.name}: raise the tolerance"
                        + (", or drop the Half condition (--no-beat-half)" if halved else "")
                        + ", or widen LEVELS")
+
+
+def calibrate_block(model: TextDLM, task: Task, examples: Sequence[Example], tolerance: float = 0.5,
+                    log: Callable[[str], None] = print, beat_half: bool = True, temperature: float = 0.0,
+                    region: str = "block", parallel: str = "none", confidence: float = 0.95) -> dict:
+    """`calibrate` for the block host: every grid setting decoded for real, the fewest mean steps that
+    pass the floor kept (ties: fewer forward tokens, then higher accuracy). Same file format;
+    `validation.settings_run` replaces `settings_simulated`."""
+    full_cfg = task_config(model, task, temperature=temperature)
+    full = run_task(model, task, examples, full_cfg)
+    halved = run_task(model, task, examples, half(full_cfg)) if beat_half else None
+    floor = accuracy_floor(full.accuracy, tolerance, halved.accuracy if halved else None, full.n)
+    log(f"full: accuracy {full.accuracy:.4f} over {full.n} prompts"
+        + (f"; half: {halved.accuracy:.4f}" if halved else "") + f"; floor {floor:.4f}")
+    conf = confidence if parallel != "none" else None
+    runs = []
+    for stat, q in BLOCK_STATISTICS:
+        for shape in BLOCK_SHAPES:
+            for level in BLOCK_LEVELS:
+                cand = Candidate(region, stat, q, shape, level, parallel, conf)
+                runs.append((cand, run_task(model, task, examples, replace(full_cfg, **cand.decode_fields()))))
+    order = lambda r: (round(r[1].mean_steps, 9), r[1].mean_forward_tokens, -r[1].accuracy)  # noqa: E731
+    passing = sorted((r for r in runs if r[1].accuracy >= floor), key=order)
+    if not passing:
+        beat = f" and above Half ({halved.accuracy:.4f})" if halved else ""
+        top = max(runs, key=lambda r: (r[1].accuracy, -r[1].mean_steps))[1]
+        raise RuntimeError(f"no Prophet setting kept accuracy within {tolerance} points of Full "
+                           f"({full.accuracy:.4f}){beat} on {task.name} (the most accurate of {len(runs)}: "
+                           f"{top.rule}, {top.accuracy:.4f} at {top.mean_steps:.2f} steps): raise the tolerance"
+                           + (", or drop the Half condition (--no-beat-half)" if halved else "")
+                           + ", or widen BLOCK_LEVELS")
+    best: dict[tuple, tuple[Candidate, Outcome]] = {}
+    for r in passing:
+        best.setdefault((r[0].statistic, r[0].quantile, r[0].shape), r)
+    table = [{"decode": c.decode_fields(), "accuracy": round(o.accuracy, 4), "mean_steps": round(o.mean_steps, 4),
+              "mean_forward_tokens": round(o.mean_forward_tokens, 2),
+              "speedup": round(full.mean_steps / o.mean_steps, 4)} for c, o in best.values()]
+    cand, chosen = passing[0]
+    log(f"chosen {chosen.rule}: accuracy {chosen.accuracy:.4f} steps {chosen.mean_steps:.2f} "
+        f"forward tokens {chosen.mean_forward_tokens:.1f} ({len(runs)} settings run)")
+    host = {k: full_cfg.to_dict()[k] for k in HOST_FIELDS}
+    return {"decode": cand.decode_fields(), "model": model.name, "task": task.name, "calibrated_with": host,
+            "validation": {"split": "valid", "n": full.n, "tolerance_points": tolerance, "beat_half": beat_half,
+                           "floor": round(floor, 6), "settings_run": len(runs),
+                           "full": full.row(model.name, task.name),
+                           "half": halved.row(model.name, task.name) if halved else None,
+                           "chosen": chosen.row(model.name, task.name),
+                           "best_per_statistic_and_shape": table}}
