@@ -7,6 +7,7 @@ products are computed in float32 (as both families' own code does).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -360,14 +361,19 @@ class DecoderLM(KVCaches, nn.Module):
     The config names the sizes in transformers' keys (hidden_size, num_attention_heads, ...) and its
     `attention_block` (None = bidirectional, else block-causal attention in blocks of that many
     positions; the loader may override `block_length` for a checkpoint trained with another).
+    A family whose checkpoint names the embedding or the attention otherwise (LLaDA2) says so in
+    `embedding` and `attention`.
     """
+
+    embedding: ClassVar[str] = "embed_tokens"  # model.<embedding>: the token embedding's name
+    attention: ClassVar[str] = "self_attn"     # each layer's attention module, which holds its kv_cache
 
     def __init__(self, config) -> None:  # a FamilyConfig dataclass with transformers' keys
         super().__init__()
         self.config = c = config
         self.block_length: int | None = c.attention_block
         self.model = nn.Module()
-        self.model.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        setattr(self.model, self.embedding, nn.Embedding(c.vocab_size, c.hidden_size))
         self.model.layers = nn.ModuleList(self.layer(i) for i in range(c.num_hidden_layers))
         self.model.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         tied = getattr(c, "tie_word_embeddings", False)
@@ -385,13 +391,14 @@ class DecoderLM(KVCaches, nn.Module):
         logits_to_keep > 0: the LM head runs on the last that many positions only -> (B, keep, V);
         keep (B, K): on those query columns only -> (B, K, V). With `cache` the queries sit at
         cache.positions and attend to their slots' cached keys/values (see setup_cache)."""
-        inputs = attention_inputs(input_ids, attention_mask, self.head_dim, self.config.rope_theta,
+        inputs = attention_inputs(input_ids, attention_mask, self.rotary_dim, self.config.rope_theta,
                                   cache, self.cache_length, self.block_length)
         return self.head(self.hidden(input_ids, inputs), logits_to_keep, keep)
 
     def hidden(self, input_ids: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
-        """Last layer's hidden states (B, L, C) under prepared attention inputs."""
-        x = self.model.embed_tokens(input_ids)                  # (B, L, C)
+        """Last layer's hidden states (B, L, C) under prepared attention inputs (the training path
+        builds its own, e.g. the two-copy block-diffusion mask)."""
+        x = getattr(self.model, self.embedding)(input_ids)      # (B, L, C)
         for layer in self.model.layers:
             x = layer(x, inputs)
         return x
@@ -399,11 +406,16 @@ class DecoderLM(KVCaches, nn.Module):
     def head(self, x: torch.Tensor, logits_to_keep: int = 0, keep: torch.Tensor | None = None) -> torch.Tensor:
         """Final norm and LM head on the kept positions: (B, L, C) -> (B, L or K, V)."""
         h = self.model.norm(head_inputs(x, logits_to_keep, keep))
-        return F.linear(h, self.model.embed_tokens.weight) if self.lm_head is None else self.lm_head(h)
+        return F.linear(h, getattr(self.model, self.embedding).weight) if self.lm_head is None else self.lm_head(h)
 
     @property
     def head_dim(self) -> int:
         return getattr(self.config, "head_dim", None) or self.config.hidden_size // self.config.num_attention_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        """Dims of each head that rotary rotates (all of them; LLaDA2's partial rotary fewer)."""
+        return self.head_dim
 
     @property
     def kv_heads(self) -> int:
@@ -411,4 +423,4 @@ class DecoderLM(KVCaches, nn.Module):
 
     def cache_holders(self) -> list[nn.Module]:
         """The attention modules that hold the keys/values."""
-        return [layer.self_attn for layer in self.model.layers]
+        return [getattr(layer, self.attention) for layer in self.model.layers]

@@ -15,8 +15,7 @@ from torch import nn
 
 from prophet.models.errors import ModelLoadError
 from prophet.models.family import FamilyConfig, TransformersSizes, check_heads
-from prophet.models.layers import (AttentionInputs, CacheIndex, KVCache, KVCaches, RMSNorm, apply_rotary, attend,
-                                   SwiGLU, attention_inputs, head_inputs, init_weights)
+from prophet.models.layers import AttentionInputs, DecoderLM, KVCache, RMSNorm, SwiGLU, apply_rotary, attend
 from prophet.models.moe import RouterSpec, SparseMoE
 
 # config.json keys that mark a LLaDA2.2 checkpoint: its insert/delete edit tokens (SGLang's
@@ -181,56 +180,22 @@ class LLaDA2Layer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class LLaDA2Model(KVCaches, nn.Module):
+class LLaDA2Model(DecoderLM):
     """LLaDA2: forward(input_ids, attention_mask) -> logits (B, L, vocab_size), not shifted.
 
-    `block_length` (an attribute, the config's or the family's 32) sets the attention blocks; the
-    loader may override it for a checkpoint trained with another.
+    The shared decoder skeleton under LLaDA2's names (model.word_embeddings, each layer's `attention`),
+    an untied head and partial rotary. `block_length` (an attribute, the config's or the family's 32)
+    sets the attention blocks; the loader may override it for a checkpoint trained with another.
     """
 
-    def __init__(self, config: LLaDA2Config) -> None:
-        super().__init__()
-        self.config = config
-        c = config
-        self.block_length: int = c.attention_block
-        self.model = nn.Module()
-        self.model.word_embeddings = nn.Embedding(c.vocab_size, c.hidden_size)
-        self.model.layers = nn.ModuleList(LLaDA2Layer(c, i) for i in range(c.num_hidden_layers))
-        self.model.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
-        init_weights(self, c.initializer_range)
+    embedding: ClassVar[str] = "word_embeddings"
+    attention: ClassVar[str] = "attention"
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                logits_to_keep: int = 0, cache: CacheIndex | None = None,
-                keep: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids (B, L) int64, attention_mask (B, L) (True/1 = real, None = no padding) -> (B, L, V);
-        logits_to_keep > 0: the LM head runs on the last that many positions only -> (B, keep, V);
-        keep (B, K): on those query columns only -> (B, K, V). With `cache` the queries sit at
-        cache.positions and attend to their slots' cached keys/values (see setup_cache), block-causally."""
-        inputs = attention_inputs(input_ids, attention_mask, self.config.rotary_dim, self.config.rope_theta,
-                                  cache, self.cache_length, self.block_length)
-        return self.head(self.hidden(input_ids, inputs), logits_to_keep, keep)
-
-    def hidden(self, input_ids: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
-        """Last layer's hidden states (B, L, C) under prepared attention inputs (the training path
-        builds its own, e.g. the two-copy block-diffusion mask)."""
-        x = self.model.word_embeddings(input_ids)               # (B, L, C)
-        for layer in self.model.layers:
-            x = layer(x, inputs)
-        return x
-
-    def head(self, x: torch.Tensor, logits_to_keep: int = 0, keep: torch.Tensor | None = None) -> torch.Tensor:
-        """Final norm and LM head on the kept positions: (B, L, C) -> (B, L or K, V)."""
-        return self.lm_head(self.model.norm(head_inputs(x, logits_to_keep, keep)))
+    def layer(self, index: int) -> nn.Module:
+        """Dense SwiGLU below first_k_dense_replace, the sparse MoE above."""
+        return LLaDA2Layer(self.config, index)
 
     @property
-    def head_dim(self) -> int:
-        return int(self.config.head_dim)  # type: ignore[arg-type]
-
-    @property
-    def kv_heads(self) -> int:
-        return self.config.num_key_value_heads
-
-    def cache_holders(self) -> list[nn.Module]:
-        """The attention modules that hold the keys/values."""
-        return [layer.attention for layer in self.model.layers]
+    def rotary_dim(self) -> int:
+        """The first partial_rotary_factor x head_dim dims are rotated, the rest passed through."""
+        return self.config.rotary_dim
