@@ -74,13 +74,12 @@ def row_seed(seed: int, row_id: str) -> int:
     return int.from_bytes(digest[:8], "big") & (2**63 - 1)
 
 
-def wrap_with_deepspeed(module: Any, dtype: Any) -> Any:
-    """The one place DeepSpeed appears: an inference engine around `module` (tp 1, no kernel injection)."""
-    import deepspeed
+def wrap_with_deepspeed(module: Any, dtype: Any, tp_size: int = 1) -> Any:
+    """The one place DeepSpeed wraps the model: an inference engine around `module` (no kernel
+    injection), sharded over the replica's process group where tp_size > 1 (pipeline.parallel)."""
+    from pipeline.parallel import shard_with_deepspeed
 
-    # dtype is always explicit: DeepSpeed's default is fp16, which many CPUs refuse.
-    return deepspeed.init_inference(module, dtype=dtype, tensor_parallel={"tp_size": 1},
-                                    replace_with_kernel_inject=False)
+    return shard_with_deepspeed(module, dtype, tp_size)
 
 
 @dataclass

@@ -209,17 +209,18 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 def self_attention(x: torch.Tensor, q_proj: nn.Linear, k_proj: nn.Linear, v_proj: nn.Linear,
-                   o_proj: nn.Linear, n_heads: int, n_kv_heads: int, inputs: AttentionInputs,
+                   o_proj: nn.Linear, head_dim: int, inputs: AttentionInputs,
                    cache: KVCache | None = None) -> torch.Tensor:
     """Multi-head attention with grouped KV heads: (B, L, C) -> (B, L, C); the mask is inputs'.
 
-    With a cache (and `inputs.slots` set) the queries' keys/values are written into it first, and
-    the queries attend to their slot's cached keys/values.
+    The head counts are the projections' widths over head_dim, so a tensor-parallel shard of the
+    projections runs its own heads. With a cache (and `inputs.slots` set) the queries' keys/values
+    are written into it first, and the queries attend to their slot's cached keys/values.
     """
     B, L, _ = x.shape
-    q = q_proj(x).view(B, L, n_heads, -1).transpose(1, 2)     # (B, H, L, D)
-    k = k_proj(x).view(B, L, n_kv_heads, -1).transpose(1, 2)  # (B, Hkv, L, D)
-    v = v_proj(x).view(B, L, n_kv_heads, -1).transpose(1, 2)  # (B, Hkv, L, D)
+    q = q_proj(x).view(B, L, -1, head_dim).transpose(1, 2)   # (B, H, L, D)
+    k = k_proj(x).view(B, L, -1, head_dim).transpose(1, 2)   # (B, Hkv, L, D)
+    v = v_proj(x).view(B, L, -1, head_dim).transpose(1, 2)   # (B, Hkv, L, D)
     q = apply_rotary(q, inputs.cos, inputs.sin)
     k = apply_rotary(k, inputs.cos, inputs.sin)
     return o_proj(attend(q, k, v, inputs, cache))             # (B, L, H*D) -> (B, L, C)
@@ -246,12 +247,30 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: AttentionI
 
 
 class KVCaches:
-    """setup_cache / drop_cache for a native model whose attention modules each hold a `kv_cache`.
+    """setup_cache / drop_cache for a native model whose attention modules each hold a `kv_cache`,
+    and the hooks a tensor-parallel engine shards it with (pipeline.parallel).
 
     The model names those modules (`cache_holders`), its KV heads (`kv_heads`) and `head_dim`.
     """
 
     cache_length: int = 0  # positions per slot of the allocated cache; 0 = none
+    tp_size: int = 1       # ranks the attention heads are split over (set by prepare_tensor_parallel)
+
+    def tensor_parallel_policy(self) -> dict[type[nn.Module], tuple[str, ...]]:
+        """DeepSpeed AutoTP's injection policy: for each module class to shard, the paths below it of
+        the linears whose outputs are summed over the ranks (row-parallel); its other linears are
+        split by output (column-parallel), whole heads per rank. A direct child's path starts with
+        '.' (AutoTP joins an empty parent name and the child's with a dot)."""
+        raise NotImplementedError
+
+    def prepare_tensor_parallel(self, rank: int, world: int) -> None:
+        """Before AutoTP shards the model over `world` ranks: the KV cache will hold this rank's
+        heads only, and modules that shard themselves (`prepare_tensor_parallel` of their own:
+        mixture-of-experts layers, fused projections) do so."""
+        self.tp_size = world
+        for module in self.modules():  # type: ignore[attr-defined]
+            if module is not self and hasattr(module, "prepare_tensor_parallel"):
+                module.prepare_tensor_parallel(rank, world)
 
     def cache_holders(self) -> list[nn.Module]:
         """The modules (one per layer) whose `kv_cache` attribute the attention reads."""
@@ -262,8 +281,8 @@ class KVCaches:
         self.cache_length = length
         like = next(self.parameters())  # type: ignore[attr-defined]
         for holder in self.cache_holders():
-            holder.kv_cache = KVCache(slots, length, self.kv_heads, self.head_dim,  # type: ignore[attr-defined]
-                                      like.dtype, like.device)
+            holder.kv_cache = KVCache(slots, length, self.kv_heads // self.tp_size,  # type: ignore[attr-defined]
+                                      self.head_dim, like.dtype, like.device)  # type: ignore[attr-defined]
 
     def drop_cache(self) -> None:
         """Free the keys/values."""
@@ -313,9 +332,10 @@ class ProjAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
         B, L, _ = x.shape
-        q = self.q_proj(x).view(B, L, self.n_heads, self.head_dim)     # (B, L, H, D)
-        k = self.k_proj(x).view(B, L, self.n_kv_heads, self.head_dim)  # (B, L, Hkv, D)
-        v = self.v_proj(x).view(B, L, self.n_kv_heads, self.head_dim)
+        # head counts from the projections' widths: a tensor-parallel shard runs its own heads
+        q = self.q_proj(x).view(B, L, -1, self.head_dim)     # (B, L, H, D)
+        k = self.k_proj(x).view(B, L, -1, self.head_dim)     # (B, L, Hkv, D)
+        v = self.v_proj(x).view(B, L, -1, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)                      # type: ignore[misc]
         q = apply_rotary(q.transpose(1, 2), inputs.cos, inputs.sin)    # (B, H, L, D)
@@ -424,3 +444,8 @@ class DecoderLM(KVCaches, nn.Module):
     def cache_holders(self) -> list[nn.Module]:
         """The attention modules that hold the keys/values."""
         return [getattr(layer, self.attention) for layer in self.model.layers]
+
+    def tensor_parallel_policy(self) -> dict[type[nn.Module], tuple[str, ...]]:
+        """Attention output and dense MLP down projections are summed over the ranks; experts
+        (moe.Expert, not SwiGLU) shard themselves, and AutoTP shards an untied lm_head on its own."""
+        return {ProjAttention: (".o_proj",), SwiGLU: (".down_proj",)}

@@ -82,13 +82,13 @@ class LLaDABlock(nn.Module):
 
     def __init__(self, c: LLaDAConfig) -> None:
         super().__init__()
-        head_dim = c.d_model // c.n_heads
-        self.n_heads, self.n_kv_heads = c.n_heads, int(c.n_kv_heads)  # type: ignore[arg-type]
+        self.head_dim = head_dim = c.d_model // c.n_heads
+        n_kv_heads = int(c.n_kv_heads)  # type: ignore[arg-type]
         self.attn_norm = RMSNorm(c.d_model, c.rms_norm_eps)
         self.ff_norm = RMSNorm(c.d_model, c.rms_norm_eps)
         self.q_proj = nn.Linear(c.d_model, c.n_heads * head_dim, bias=False)
-        self.k_proj = nn.Linear(c.d_model, self.n_kv_heads * head_dim, bias=False)
-        self.v_proj = nn.Linear(c.d_model, self.n_kv_heads * head_dim, bias=False)
+        self.k_proj = nn.Linear(c.d_model, n_kv_heads * head_dim, bias=False)
+        self.v_proj = nn.Linear(c.d_model, n_kv_heads * head_dim, bias=False)
         self.attn_out = nn.Linear(c.n_heads * head_dim, c.d_model, bias=False)
         self.ff_proj = nn.Linear(c.d_model, c.mlp_hidden_size, bias=False)
         self.up_proj = nn.Linear(c.d_model, c.mlp_hidden_size, bias=False)
@@ -98,7 +98,7 @@ class LLaDABlock(nn.Module):
     def forward(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
         h = self.attn_norm(x)
         x = x + self_attention(h, self.q_proj, self.k_proj, self.v_proj, self.attn_out,
-                               self.n_heads, self.n_kv_heads, inputs, self.kv_cache)
+                               self.head_dim, inputs, self.kv_cache)
         return x + swiglu(self.ff_norm(x), self.ff_proj, self.up_proj, self.ff_out)
 
 
@@ -146,3 +146,8 @@ class LLaDAModel(KVCaches, nn.Module):
     def cache_holders(self) -> list[nn.Module]:
         """The attention modules that hold the keys/values."""
         return list(self.model["transformer"]["blocks"])
+
+    def tensor_parallel_policy(self) -> dict[type[nn.Module], tuple[str, ...]]:
+        """The block's attention output and MLP down projection are summed over the ranks. Both it and
+        the output head are named `ff_out`; the head sits outside the blocks and stays whole."""
+        return {LLaDABlock: (".attn_out", ".ff_out")}

@@ -155,6 +155,18 @@ class LLaDA2Attention(nn.Module):
         self.dense = nn.Linear(self.n_heads * D, c.hidden_size, bias=False)
         self.kv_cache: KVCache | None = None  # set by LLaDA2Model.setup_cache
 
+    @torch.no_grad()
+    def prepare_tensor_parallel(self, rank: int, world: int) -> None:
+        """Reorder the fused rows Q | K | V into one Q_r | K_r | V_r run per rank, so that AutoTP's
+        plain split of a fused projection into `world` equal runs gives each rank whole heads of all
+        three; this module then runs its rank's heads."""
+        D, H, Hkv = self.head_dim, self.n_heads, self.n_kv_heads
+        w = self.query_key_value.weight                                       # ((H + 2 Hkv) D, C)
+        q, k, v = w.split([H * D, Hkv * D, Hkv * D])
+        runs = [part.chunk(world) for part in (q, k, v)]                      # each: world x (n/world D, C)
+        w.copy_(torch.cat([t for r in range(world) for t in (runs[0][r], runs[1][r], runs[2][r])]))
+        self.n_heads, self.n_kv_heads = H // world, Hkv // world
+
     def forward(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
         B, L, _ = x.shape
         qkv = self.query_key_value(x).view(B, L, self.n_heads + 2 * self.n_kv_heads, self.head_dim)
@@ -194,6 +206,10 @@ class LLaDA2Model(DecoderLM):
     def layer(self, index: int) -> nn.Module:
         """Dense SwiGLU below first_k_dense_replace, the sparse MoE above."""
         return LLaDA2Layer(self.config, index)
+
+    def tensor_parallel_policy(self) -> dict[type[nn.Module], tuple[str, ...]]:
+        """The attention's `dense` and the dense MLP's down projection are summed over the ranks."""
+        return {LLaDA2Attention: (".dense",), SwiGLU: (".down_proj",)}
 
     @property
     def rotary_dim(self) -> int:

@@ -83,6 +83,11 @@ def group_limited_topk(scores: torch.Tensor, top_k: int, n_group: int, topk_grou
     return masked.topk(top_k, dim=-1).indices
 
 
+class Expert(SwiGLU):
+    """One routed expert, or the fused shared experts: a SwiGLU that its MoE layer shards, so that a
+    tensor-parallel policy naming SwiGLU (dense MLPs) leaves it alone."""
+
+
 class SparseMoE(nn.Module):
     """Routed SwiGLU experts plus optional always-on shared experts: (B, L, C) -> (B, L, C).
 
@@ -93,9 +98,10 @@ class SparseMoE(nn.Module):
     def __init__(self, width: int, inner: int, spec: RouterSpec, shared_inner: int = 0) -> None:
         super().__init__()
         self.gate = Router(width, spec)
-        self.experts = nn.ModuleList(SwiGLU(width, inner) for _ in range(spec.n_experts))
-        self.shared_experts = SwiGLU(width, shared_inner) if shared_inner else None
+        self.experts = nn.ModuleList(Expert(width, inner) for _ in range(spec.n_experts))
+        self.shared_experts = Expert(width, shared_inner) if shared_inner else None
         self._packed: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.tp_size = 1  # ranks each expert's width is split over (prepare_tensor_parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, L, C = x.shape
@@ -104,7 +110,24 @@ class SparseMoE(nn.Module):
         y = self.routed(flat, idx, w)
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)
+        if self.tp_size > 1:  # every expert's partial sums, reduced once for the layer
+            torch.distributed.all_reduce(y)
         return y.view(B, L, C)
+
+    @torch.no_grad()
+    def prepare_tensor_parallel(self, rank: int, world: int) -> None:
+        """Keep this rank's share of every expert's width (rows of gate/up, columns of down), shared
+        experts too: the layer's output is then a partial sum that forward reduces once, where a
+        row-parallel down projection per expert would reduce once per expert. The router stays whole,
+        so every rank routes alike."""
+        for expert in [*self.experts, *([self.shared_experts] if self.shared_experts is not None else [])]:
+            for name, dim in (("gate_proj", 0), ("up_proj", 0), ("down_proj", 1)):
+                linear = getattr(expert, name)
+                part = linear.weight.chunk(world, dim=dim)[rank].clone()
+                linear.weight = nn.Parameter(part, requires_grad=False)
+                linear.in_features, linear.out_features = part.shape[1], part.shape[0]
+        self._packed = None
+        self.tp_size = world
 
     def routed(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """Sum over each token's chosen experts of weight * expert(token): (N, C) -> (N, C)."""
