@@ -53,6 +53,82 @@ def shard_with_deepspeed(module: Any, dtype: Any, tp_size: int) -> Any:
         if prepare is not None:
             prepare(dist.get_rank(), tp_size)
         kwargs["injection_policy"] = policy()
+    # Widths split in whole heads: AutoTP cuts a width it cannot relate to the config's KV heads in
+    # grains of 64 (a rank may get none of a narrow MLP, or part of a head where head_dim < 64).
+    tp = {"tp_size": tp_size, **({"tp_grain_size": module.head_dim} if tp_size > 1 else {})}
     # dtype is always explicit: DeepSpeed's default is fp16, which many CPUs refuse.
-    return deepspeed.init_inference(module, dtype=dtype, tensor_parallel={"tp_size": tp_size},
-                                    replace_with_kernel_inject=False, **kwargs)
+    return deepspeed.init_inference(module, dtype=dtype, tensor_parallel=tp, replace_with_kernel_inject=False,
+                                    **kwargs)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on `host` now (the rendezvous of a process group)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def init_rank(rank: int, world: int, addr: str, port: int, backend: str = "gloo", timeout_s: float = 300.0) -> None:
+    """Join the process group of `world` ranks that meets at addr:port. The variables DeepSpeed reads
+    are set too, so that its communication backend finds the group instead of launching its own."""
+    import datetime
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR=addr, MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def _local_rank(rank: int, world: int, port: int, threads: int, fn: Any, args: tuple, results: Any) -> None:
+    """One process of run_local_ranks: join the group, run fn, send back its result or its traceback."""
+    import traceback
+
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(threads)
+    try:
+        init_rank(rank, world, "127.0.0.1", port)
+        results.put((rank, True, fn(rank, world, *args)))
+    except BaseException:
+        results.put((rank, False, traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_local_ranks(fn: Any, world: int, *args: Any, threads: int = 1, timeout_s: float = 600.0) -> list:
+    """fn(rank, world, *args) in `world` fresh local processes joined in one gloo group -> the ranks'
+    results in rank order (for tests and benchmarks; the pipeline's ranks are Ray actors). fn must be
+    importable by name (a module-level function); a rank's exception is raised here with its traceback."""
+    import multiprocessing as mp
+    import queue
+
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_local_rank, args=(r, world, port, threads, fn, args, results), daemon=True)
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    got: dict[int, Any] = {}
+    try:
+        while len(got) < world:
+            try:
+                rank, ok, value = results.get(timeout=timeout_s)
+            except queue.Empty:
+                raise TimeoutError(f"ranks {sorted(set(range(world)) - set(got))} gave no result in {timeout_s:g} s")
+            if not ok:
+                raise RuntimeError(f"rank {rank} of {world} failed:\n{value}")
+            got[rank] = value
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    return [got[r] for r in range(world)]
