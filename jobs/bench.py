@@ -20,6 +20,8 @@ run; no absolute time is a target. Timing and tables are shared (benchmarks/harn
   every prefix on a random LLaDA2-family model, per rule, and look-ahead's cost.
 - gpu (benchmarks/gpu.py, GPU): the one script for a lent H100/H200, forward MFU and decode tokens/s.
 - memory (benchmarks/memory.py): the decoder's peak memory at a real vocabulary.
+- tp (benchmarks/tp.py): one decode at tensor-parallel size 1 and 2 (local gloo ranks), per cache
+  mode: wall time and the share spent in all-reduces (the cost of communication on a CPU).
 """
 from __future__ import annotations
 
@@ -34,10 +36,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from benchmarks import batching, block, cache, forward, gpu, memory, throughput  # noqa: E402
+from benchmarks import batching, block, cache, forward, gpu, memory, throughput, tp  # noqa: E402
 
 SECTIONS: dict[str, ModuleType] = {"batching": batching, "pipeline": throughput, "forward": forward, "cache": cache,
-                                   "block": block, "gpu": gpu, "memory": memory}
+                                   "block": block, "gpu": gpu, "memory": memory, "tp": tp}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
