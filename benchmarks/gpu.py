@@ -1,4 +1,4 @@
-"""`--section gpu`: the one script for a lent H100/H200 (torch only: no Ray or DeepSpeed there).
+"""`--section gpu`: the one script for a lent H100/H200 (torch; DeepSpeed only for the tp check, no Ray).
 
 1. Forward MFU of native LLaDA-8B with random bf16 weights at `--section forward`'s shapes.
 2. Decode tokens/s and peak memory at prompt 128 / window 256 / blocks of 32 / 32 slots (32
@@ -17,9 +17,17 @@
 4. SDAR-8B and Fast-dLLM-v2-7B with random bf16 weights on the block host: ms of one cached block
    pass of 32 rows, decode tokens/s (benchmarks/block_families.py), within `--gpu-families-s`.
 
+5. Where the machine has two or more GPUs: the tp check (benchmarks/tp.py's gpu_check). NCCL
+   initialisation of two local ranks, a random LLaDA at --gpu-model's shape (fp32 by default, so
+   that the ranks' partial sums agree with one device's sum closely enough for the tokens to be
+   equal), one decode whole on rank 0 and one sharded by DeepSpeed AutoTP over both: tokens/s at
+   tp 1 and tp 2 and whether the tokens are equal, within `--gpu-tp-s` seconds after the rest.
+   With one GPU it prints that it was skipped and why; `--gpu-tp-backend gloo` runs it on CPU ranks.
+
 Decodes stop starting once `--gpu-budget-s` is spent (LLaDA-8B's leave `--gpu-llada2-s` and
 `--gpu-families-s` of it to the later parts, LLaDA2's leave `--gpu-families-s`), so the whole run
-finishes in under 8 minutes; on a CPU `--gpu-model tiny` runs the same code (tiny models of every
+finishes in under 8 minutes on one GPU (with two or more, the tp check's `--gpu-tp-s` come on top:
+under 10); on a CPU `--gpu-model tiny` runs the same code (tiny models of every
 family) in seconds.
 """
 from __future__ import annotations
@@ -36,6 +44,7 @@ from benchmarks.block_families import print_rows, run_block_families
 from benchmarks.cache import workload
 from benchmarks.forward import MODELS, measure_forward, parse_shapes, print_shapes, random_llada
 from benchmarks.harness import Table, best_seconds, sync
+from benchmarks.tp import gpu_check, print_check
 from prophet import DecodeConfig, decode
 from prophet.models import CHAR_TOKEN_IDS, LLaDA2Config, NativeAdapter, char_tokenizer
 from prophet.models.layers import CacheIndex
@@ -186,8 +195,19 @@ def run(args: argparse.Namespace) -> dict:
     llada2 = run_llada2(args, device, dtype, deadline - args.gpu_families_s)
     gc.collect()
     families = block_families(args, deadline)
-    return {"forward": fwd, "decode": rows, "llada2": llada2, "block_families": families,
+    tp = tp_check(args)
+    return {"forward": fwd, "decode": rows, "llada2": llada2, "block_families": families, "tp": tp,
             "total_s": time.perf_counter() - t0}
+
+
+def tp_check(args: argparse.Namespace) -> dict:
+    """5. tp 1 against tp 2 on two GPUs of this machine (NCCL), or why it was skipped."""
+    spec = dict(prompt=args.gpu_tp_prompt, window=args.gpu_tp_window, steps=args.gpu_tp_steps, block=args.gpu_tp_block,
+                slots=args.gpu_tp_slots, cache=args.gpu_tp_cache)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.gpu_tp_dtype]
+    out = gpu_check(MODELS[args.gpu_model], spec, dtype, args.gpu_tp_s, args.gpu_tp_backend)
+    print_check(out)
+    return out
 
 
 def block_families(args: argparse.Namespace, deadline: float) -> list[dict]:
@@ -217,3 +237,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu-llada2-slots", type=int, default=32, help="gpu: LLaDA2 decode slots (and prompts)")
     p.add_argument("--gpu-families-s", type=float, default=120.0,
                    help="gpu: stop starting SDAR / Fast-dLLM v2 decodes after this")
+    p.add_argument("--gpu-tp-s", type=float, default=90.0,
+                   help="gpu: seconds after the rest in which the tp check (2+ GPUs) starts its decodes")
+    p.add_argument("--gpu-tp-backend", choices=["nccl", "gloo"], default="nccl",
+                   help="gpu: the tp check's process group (nccl: needs 2 GPUs, else skipped; gloo: CPU ranks)")
+    p.add_argument("--gpu-tp-dtype", choices=["fp32", "bf16"], default="fp32",
+                   help="gpu: tp check dtype (bf16's rounding of the ranks' partial sums may flip near-tied tokens)")
+    p.add_argument("--gpu-tp-prompt", type=int, default=64, help="gpu: tp check prompt tokens")
+    p.add_argument("--gpu-tp-window", type=int, default=64, help="gpu: tp check generation window")
+    p.add_argument("--gpu-tp-steps", type=int, default=16, help="gpu: tp check step budget")
+    p.add_argument("--gpu-tp-block", type=int, default=32, help="gpu: tp check block length")
+    p.add_argument("--gpu-tp-slots", type=int, default=8, help="gpu: tp check slots (and prompts)")
+    p.add_argument("--gpu-tp-cache", choices=list(CACHES), default="none", help="gpu: tp check cache mode")

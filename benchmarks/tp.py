@@ -112,6 +112,113 @@ def rank_measure(rank: int, world: int, names: tuple[str, ...], spec: dict, repe
     return out
 
 
+def _all_agree(flag: bool, device: torch.device) -> bool:
+    """True on every rank when `flag` is true on every rank (the ranks decode in lockstep or not at all)."""
+    import torch.distributed as dist
+
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def rank_check(rank: int, world: int, cfg: Any, spec: dict, dtype: torch.dtype, deadline: float) -> dict:
+    """One rank of the GPU script's tp check (run by run_local_ranks): a random LLaDA of `cfg` (rank 0's
+    weights on every rank), one decode whole on rank 0 (tp 1), then sharded over the `world` ranks (tp
+    `world`); each decode starts only before `deadline` (time.time() seconds). Rank 0 returns tokens/s
+    and whether the tokens agree."""
+    import torch.distributed as dist
+
+    from benchmarks.forward import random_llada
+    from benchmarks.harness import sync
+    from pipeline.parallel import shard_with_deepspeed
+    from prophet import DecodeConfig
+    from prophet.models import NativeAdapter, char_tokenizer
+
+    device = torch.device("cpu")
+    if dist.get_backend() == "nccl":
+        device = torch.device("cuda", rank)
+        torch.cuda.set_device(device)  # before the first collective: NCCL binds each rank to its GPU then
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    net = random_llada(cfg, device, dtype)
+    with torch.no_grad():
+        for p in net.parameters():  # one model on every rank, whatever each device's random stream
+            dist.broadcast(p.data, 0)
+    model = NativeAdapter(net, char_tokenizer(), name="random-llada")
+    prompts = workload(spec["slots"], spec["prompt"], cfg.vocab_size)
+    base = DecodeConfig(gen_length=spec["window"], steps=spec["steps"], block_length=spec["block"],
+                        batch_size=spec["slots"], cache=spec["cache"])
+    warm = replace(base, steps=base.num_blocks, batch_size=2)
+    out: dict = {"build_s": time.perf_counter() - t0}
+
+    def timed() -> tuple[float, list]:
+        from prophet import decode
+
+        decode(model, prompts[:2], warm)  # kernels, allocator, NCCL's first connection
+        sync(device)
+        t = time.perf_counter()
+        res = decode(model, prompts, base)
+        sync(device)
+        return time.perf_counter() - t, res.tokens.tolist()
+
+    if rank == 0 and time.time() < deadline:
+        out["tp1_s"], out["tp1_tokens"] = timed()
+    if not _all_agree(time.time() < deadline, device):
+        return {**out, "skipped": "time budget spent"}
+    model.module = shard_with_deepspeed(net, dtype, world)
+    out["tp_s"], out["tp_tokens"] = timed()
+    if rank == 0 and "tp1_tokens" in out:
+        a, b = torch.tensor(out["tp1_tokens"]), torch.tensor(out["tp_tokens"])
+        out["tokens_equal"] = bool(torch.equal(a, b))
+        out["token_agreement"] = float((a == b).double().mean())
+    n = spec["slots"] * spec["window"]
+    out.update({k.replace("_s", "_tokens_per_s"): n / out[k] for k in ("tp1_s", "tp_s") if k in out})
+    return out
+
+
+def gpu_check(cfg: Any, spec: dict, dtype: torch.dtype, seconds: float, backend: str = "nccl") -> dict:
+    """The GPU script's tp check: tp 1 against tp 2 on two local ranks over `backend` (NCCL where the
+    machine has two GPUs; gloo runs the same code on a CPU), or why it was skipped."""
+    from pipeline.parallel import run_local_ranks
+
+    gpus = torch.cuda.device_count()
+    if backend == "nccl" and gpus < 2:
+        return {"skipped": f"tensor parallelism needs 2 GPUs on one machine; this one has {gpus}"}
+    if seconds <= 0:
+        return {"skipped": "time budget spent"}
+    try:
+        import deepspeed  # noqa: F401  (the sharding is DeepSpeed's)
+    except ImportError:
+        return {"skipped": "deepspeed is not installed here"}
+    t0 = time.perf_counter()
+    try:
+        ranks = run_local_ranks(rank_check, 2, cfg, spec, dtype, time.time() + seconds, backend=backend,
+                                timeout_s=seconds + 300)
+    except (RuntimeError, TimeoutError) as e:  # a failed check is reported, the rest of the script's figures kept
+        return {"failed": str(e)[-2000:], "backend": backend}
+    out = {k: v for k, v in ranks[0].items() if not k.endswith("_tokens")}
+    return {"backend": backend, "world": 2, "dtype": str(dtype).removeprefix("torch."), **spec, **out,
+            "total_s": time.perf_counter() - t0}
+
+
+CHECK_TABLE = Table(("tp", ">2"), ("wall s", "8.2f"), ("tok/s", "9.1f"))
+
+
+def print_check(out: dict) -> None:
+    """gpu_check's result as printed lines: why it was skipped or failed, or tp 1 against tp 2."""
+    reason = out.get("skipped") or out.get("failed")
+    if reason:
+        print(f"gpu: tp check {'skipped' if 'skipped' in out else 'FAILED'}: {reason}")
+    if "tp1_s" not in out:
+        return
+    print(f"gpu: tp check, random {out['dtype']} LLaDA on 2 ranks over {out['backend']}: {out['slots']} prompts of "
+          f"{out['prompt']}, window {out['window']}, {out['steps']} steps, cache {out['cache']}")
+    CHECK_TABLE.print([(1, out.get("tp1_s"), out.get("tp1_tokens_per_s")), (2, out.get("tp_s"), out.get("tp_tokens_per_s"))])
+    if "tokens_equal" in out:
+        print(f"  tokens at tp 2 equal tp 1's: {'yes' if out['tokens_equal'] else 'NO'} "
+              f"({100 * out['token_agreement']:.2f}% of positions agree)")
+
+
 def run(args: argparse.Namespace) -> dict:
     """tp 1 against tp 2 per model and cache mode on local gloo ranks; prints the table, returns the JSON object."""
     from pipeline.parallel import run_local_ranks

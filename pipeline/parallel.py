@@ -84,7 +84,8 @@ def init_rank(rank: int, world: int, addr: str, port: int, backend: str = "gloo"
                             timeout=datetime.timedelta(seconds=timeout_s))
 
 
-def _local_rank(rank: int, world: int, port: int, threads: int, fn: Any, args: tuple, results: Any) -> None:
+def _local_rank(rank: int, world: int, port: int, threads: int, backend: str, fn: Any, args: tuple,
+                results: Any) -> None:
     """One process of run_local_ranks: join the group, run fn, send back its result or its traceback."""
     import traceback
 
@@ -93,7 +94,7 @@ def _local_rank(rank: int, world: int, port: int, threads: int, fn: Any, args: t
 
     torch.set_num_threads(threads)
     try:
-        init_rank(rank, world, "127.0.0.1", port)
+        init_rank(rank, world, "127.0.0.1", port, backend)
         results.put((rank, True, fn(rank, world, *args)))
     except BaseException:
         results.put((rank, False, traceback.format_exc()))
@@ -102,17 +103,19 @@ def _local_rank(rank: int, world: int, port: int, threads: int, fn: Any, args: t
             dist.destroy_process_group()
 
 
-def run_local_ranks(fn: Any, world: int, *args: Any, threads: int = 1, timeout_s: float = 600.0) -> list:
-    """fn(rank, world, *args) in `world` fresh local processes joined in one gloo group -> the ranks'
-    results in rank order (for tests and benchmarks; the pipeline's ranks are Ray actors). fn must be
-    importable by name (a module-level function); a rank's exception is raised here with its traceback."""
+def run_local_ranks(fn: Any, world: int, *args: Any, threads: int = 1, timeout_s: float = 600.0,
+                    backend: str = "gloo") -> list:
+    """fn(rank, world, *args) in `world` fresh local processes joined in one process group (gloo; "nccl"
+    on GPUs, where fn picks its device first) -> the ranks' results in rank order (for tests and
+    benchmarks; the pipeline's ranks are Ray actors). fn must be importable by name (a module-level
+    function); a rank's exception is raised here with its traceback."""
     import multiprocessing as mp
     import queue
 
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_local_rank, args=(r, world, port, threads, fn, args, results), daemon=True)
+    procs = [ctx.Process(target=_local_rank, args=(r, world, port, threads, backend, fn, args, results), daemon=True)
              for r in range(world)]
     for p in procs:
         p.start()

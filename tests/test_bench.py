@@ -153,12 +153,31 @@ def test_bench_gpu_section_runs_the_tiny_models_on_cpu():
                                                                 ("exact", "prophet")]
     for r in two["decode"]:
         assert r["mean_steps"] == 1 + 16 + 1 and r["forward_tokens"] == 2 * (16 + 16 * 8 + 8)
+    if torch.cuda.device_count() < 2:  # the tp check says plainly why it did not run
+        assert out["tp"] == {"skipped": "tensor parallelism needs 2 GPUs on one machine; this one has "
+                                        f"{torch.cuda.device_count()}"}
 
 
 def test_bench_gpu_section_starts_no_decode_once_its_budget_is_spent():
     out = load_job("bench").main(GPU_TINY + ["--gpu-budget-s", "0"])["gpu"]
     assert [r.get("skipped") for r in out["decode"] + out["llada2"]["decode"]] == ["time budget spent"] * 12
     assert len(out["llada2"]["forward"]) == 2  # the forwards are measured regardless
+
+
+def test_bench_gpu_tp_check_gives_tp1s_tokens_on_two_gloo_ranks_and_starts_nothing_past_its_budget(capsys):
+    from benchmarks import gpu
+
+    bench = load_job("bench")
+    small = GPU_TINY + ["--gpu-tp-backend", "gloo", "--gpu-tp-prompt", "8", "--gpu-tp-window", "16", "--gpu-tp-steps", "8",
+                        "--gpu-tp-block", "8", "--gpu-tp-slots", "2"]
+    out = gpu.tp_check(bench.parse_args(small))  # the GPU's NCCL path, on CPU ranks (random fp32 tiny LLaDA)
+    assert (out["backend"], out["world"], out["dtype"]) == ("gloo", 2, "float32")
+    assert out["tokens_equal"] and out["token_agreement"] == 1.0
+    assert out["tp1_tokens_per_s"] == pytest.approx(2 * 16 / out["tp1_s"])
+    assert out["tp_tokens_per_s"] == pytest.approx(2 * 16 / out["tp_s"])
+    assert "tokens at tp 2 equal tp 1's: yes" in capsys.readouterr().out
+    assert gpu.tp_check(bench.parse_args(small + ["--gpu-tp-s", "0"])) == {"skipped": "time budget spent"}
+    assert "tp check skipped: time budget spent" in capsys.readouterr().out
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="refusal is for machines without a GPU")
