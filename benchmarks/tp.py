@@ -1,7 +1,8 @@
 """`--section tp`: what tensor parallelism costs on this CPU (issue 20, SPEC section 9).
 
-One decode of the shipped tiny-llada per cache mode (none, prefix, dual) and of tiny-llada2 on the
-block host, at tp 1 (rank 0 alone, one thread, while rank 1 waits at a barrier) and at tp 2 (two
+One decode of prompts of the default job (`pipeline/data/default_prompts.jsonl`: Sudoku and
+running parity, both tasks) by the shipped tiny-llada per cache mode (none, prefix, dual) and by
+tiny-llada2 on the block host (which stops a row at its EOS block), at tp 1 (rank 0 alone, one thread, while rank 1 waits at a barrier) and at tp 2 (two
 local processes on a gloo group, one thread each, the model sharded by DeepSpeed AutoTP:
 `pipeline.parallel.shard_with_deepspeed`): wall time, the share of it spent inside all-reduces
 (`torch.distributed.all_reduce` wrapped and timed on each rank; a rank that arrives first waits
@@ -65,6 +66,14 @@ class CollectiveClock:
             dist.all_reduce = original
 
 
+def default_job_prompts(n: int) -> list[str]:
+    """n prompts of the default job, spread over its file (so both of its tasks are in)."""
+    import json
+
+    rows = (ROOT / "pipeline" / "data" / "default_prompts.jsonl").read_text().splitlines()
+    return [json.loads(rows[i * len(rows) // n])["prompt"] for i in range(n)]
+
+
 def _decode_timed(model: Any, prompts: list[list[int]], cfg: Any) -> tuple[float, Any]:
     """Wall seconds and result of one decode."""
     from prophet import decode
@@ -88,7 +97,7 @@ def rank_measure(rank: int, world: int, names: tuple[str, ...], spec: dict, repe
         whole = load_model(str(ROOT / "checkpoints" / name), device="cpu", dtype=torch.float32)
         sharded = load_model(str(ROOT / "checkpoints" / name), device="cpu", dtype=torch.float32)
         sharded.module = shard_with_deepspeed(sharded.module, sharded.dtype, world)
-        prompts = workload(spec["slots"], spec["prompt"], whole.module.config.vocab_size)
+        prompts = [whole.encode(p) for p in default_job_prompts(spec["slots"])]
         base = DecodeConfig(gen_length=spec["window"], steps=spec["window"], block_length=spec["block"],
                             batch_size=spec["slots"])
         best: dict = {}
@@ -224,15 +233,15 @@ def run(args: argparse.Namespace) -> dict:
     from pipeline.parallel import run_local_ranks
 
     names = tuple(n for n in MODELS if n in args.tp_models.split(","))
-    spec = dict(prompt=args.tp_prompt, window=args.tp_window, block=args.tp_block, slots=args.tp_slots)
+    spec = dict(window=args.tp_window, block=args.tp_block, slots=args.tp_slots)
     t0 = time.perf_counter()
     ranks = run_local_ranks(rank_measure, 2, names, spec, args.repeats, threads=1)
     total = time.perf_counter() - t0
-    out: dict = {"world": 2, "backend": "gloo", "threads_per_rank": 1, "prompt": args.tp_prompt,
+    out: dict = {"world": 2, "backend": "gloo", "threads_per_rank": 1, "prompts": "default job",
                  "window": args.tp_window, "block": args.tp_block, "slots": args.tp_slots, "repeats": args.repeats,
                  "total_s": total, "cases": []}
     print(f"tp: tp 1 (one process, one thread) vs tp 2 (two gloo ranks, one thread each, DeepSpeed AutoTP), "
-          f"{args.tp_slots} prompts of {args.tp_prompt}, window {args.tp_window} (steps = window), blocks of "
+          f"{args.tp_slots} prompts of the default job, window {args.tp_window} (steps = window), blocks of "
           f"{args.tp_block}, best of {args.repeats}, fp32")
     print("  The cost of communication on a 2-core CPU, not a speed-up: 'in all-reduce' is rank 0's / rank 1's "
           "share of the tp 2 wall time spent in all-reduces")
@@ -260,7 +269,6 @@ def run(args: argparse.Namespace) -> dict:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The section's flags."""
     p.add_argument("--tp-models", default="tiny-llada,tiny-llada2", help="tp: comma-separated, of " + ", ".join(MODELS))
-    p.add_argument("--tp-prompt", type=int, default=32, help="tp: prompt tokens")
     p.add_argument("--tp-window", type=int, default=64, help="tp: generation window (= steps)")
     p.add_argument("--tp-block", type=int, default=8, help="tp: block length (tiny-llada2's is 8)")
-    p.add_argument("--tp-slots", type=int, default=16, help="tp: slots (and prompts)")
+    p.add_argument("--tp-slots", type=int, default=16, help="tp: slots (and prompts of the default job)")
