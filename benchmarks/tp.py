@@ -105,7 +105,8 @@ def rank_measure(rank: int, world: int, names: tuple[str, ...], spec: dict, repe
             for case, fields in MODELS[name].items():
                 cfg = replace(base, **fields)
                 rec = best.setdefault(case, {"tp1_s": float("inf"), "tp_s": float("inf")})
-                if rank == 0:  # tp 1: one process on one core; rank 1 idles at the barrier
+                if rank == 0:  # tp 1: one process on one core; rank 1 idles at the barrier (gloo's wait
+                    # blocks: 8 ms of CPU in a 3 s wait, measured), so tp 1 has a core to itself as well
                     wall, res = _decode_timed(whole, prompts, cfg)
                     rec["tp1_s"], rec["tp1_tokens"] = min(rec["tp1_s"], wall), res.tokens.tolist()
                 dist.barrier()  # both ranks start the sharded decode together
