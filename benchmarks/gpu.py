@@ -205,6 +205,9 @@ def tp_check(args: argparse.Namespace) -> dict:
     spec = dict(prompt=args.gpu_tp_prompt, window=args.gpu_tp_window, steps=args.gpu_tp_steps, block=args.gpu_tp_block,
                 slots=args.gpu_tp_slots, cache=args.gpu_tp_cache)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.gpu_tp_dtype]
+    if torch.cuda.is_available():  # rank 0 shares GPU 0 with this process: hand back what its caches hold
+        gc.collect()
+        _reset_peak(torch.device("cuda"))
     out = gpu_check(MODELS[args.gpu_model], spec, dtype, args.gpu_tp_s, args.gpu_tp_backend)
     print_check(out)
     return out
