@@ -2,18 +2,20 @@
 
 One decode of prompts of the default job (`pipeline/data/default_prompts.jsonl`: Sudoku and
 running parity, both tasks) by the shipped tiny-llada per cache mode (none, prefix, dual) and by
-tiny-llada2 on the block host (which stops a row at its EOS block), at tp 1 (rank 0 alone, one thread, while rank 1 waits at a barrier) and at tp 2 (two
-local processes on a gloo group, one thread each, the model sharded by DeepSpeed AutoTP:
-`pipeline.parallel.shard_with_deepspeed`): wall time, the share of it spent inside all-reduces
-(`torch.distributed.all_reduce` wrapped and timed on each rank; a rank that arrives first waits
-there for the other, so the share holds the ranks' skew too), the all-reduces and bytes reduced,
-and whether the tokens equal tp 1's. Runs are interleaved (tp 1, tp 2, per case, per repeat) and
-the best of `--repeats` counts; ratios are tp 2 over tp 1 of the same case in one run.
+tiny-llada2 on the block host (which stops a row at its EOS block), at tp 1 (rank 0 alone, one
+thread, while rank 1 waits at a barrier) and at tp 2 (two local processes on a gloo group, one
+thread each, the model sharded by DeepSpeed AutoTP: `pipeline.parallel.shard_with_deepspeed`):
+wall time, the share of it spent inside all-reduces (`torch.distributed.all_reduce` wrapped and
+timed on each rank; a rank that arrives first waits there for the other, so the share holds the
+ranks' skew too), the all-reduces and bytes reduced, and whether the tokens equal tp 1's. Runs are
+interleaved (tp 1, tp 2, per case, per repeat) and the best of `--repeats` counts; ratios are tp 2
+over tp 1 of the same case in one run.
 
-It measures the cost of communication, not a speed-up: the models are 128 wide (a rank's share of
-a layer is microseconds of arithmetic against a gloo round trip through the kernel), and the two
-ranks share a 2-core machine. Tensor parallelism pays where a model does not fit one device, or
-for one batch's latency on GPUs joined by NVLink (docs/tensor-parallel.md).
+It measures the cost of communication, not a speed-up: the layers are 128 wide, so a rank's half
+of one costs less than the all-reduce after it (1.5-2.6 ms over gloo on loopback here,
+BENCHMARKS.md), and the two ranks share a 2-core machine. Tensor parallelism pays where a model
+does not fit one device, or for one batch's latency on GPUs joined by NVLink
+(docs/tensor-parallel.md).
 """
 from __future__ import annotations
 
@@ -223,7 +225,8 @@ def print_check(out: dict) -> None:
         return
     print(f"gpu: tp check, random {out['dtype']} LLaDA on 2 ranks over {out['backend']}: {out['slots']} prompts of "
           f"{out['prompt']}, window {out['window']}, {out['steps']} steps, cache {out['cache']}")
-    CHECK_TABLE.print([(1, out.get("tp1_s"), out.get("tp1_tokens_per_s")), (2, out.get("tp_s"), out.get("tp_tokens_per_s"))])
+    CHECK_TABLE.print([(1, out.get("tp1_s"), out.get("tp1_tokens_per_s")),
+                       (2, out.get("tp_s"), out.get("tp_tokens_per_s"))])
     if "tokens_equal" in out:
         print(f"  tokens at tp 2 equal tp 1's: {'yes' if out['tokens_equal'] else 'NO'} "
               f"({100 * out['token_agreement']:.2f}% of positions agree)")
@@ -233,7 +236,10 @@ def run(args: argparse.Namespace) -> dict:
     """tp 1 against tp 2 per model and cache mode on local gloo ranks; prints the table, returns the JSON object."""
     from pipeline.parallel import run_local_ranks
 
-    names = tuple(n for n in MODELS if n in args.tp_models.split(","))
+    asked = args.tp_models.split(",")
+    if unknown := sorted(set(asked) - set(MODELS)):
+        raise SystemExit(f"bench tp: --tp-models: unknown {', '.join(unknown)}; choose from {', '.join(MODELS)}")
+    names = tuple(n for n in MODELS if n in asked)
     spec = dict(window=args.tp_window, block=args.tp_block, slots=args.tp_slots)
     t0 = time.perf_counter()
     ranks = run_local_ranks(rank_measure, 2, names, spec, args.repeats, threads=1)

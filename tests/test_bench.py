@@ -168,8 +168,8 @@ def test_bench_gpu_tp_check_gives_tp1s_tokens_on_two_gloo_ranks_and_starts_nothi
     from benchmarks import gpu
 
     bench = load_job("bench")
-    small = GPU_TINY + ["--gpu-tp-backend", "gloo", "--gpu-tp-prompt", "8", "--gpu-tp-window", "16", "--gpu-tp-steps", "8",
-                        "--gpu-tp-block", "8", "--gpu-tp-slots", "2"]
+    small = GPU_TINY + ["--gpu-tp-backend", "gloo", "--gpu-tp-prompt", "8", "--gpu-tp-window", "16",
+                        "--gpu-tp-steps", "8", "--gpu-tp-block", "8", "--gpu-tp-slots", "2"]
     out = gpu.tp_check(bench.parse_args(small))  # the GPU's NCCL path, on CPU ranks (random fp32 tiny LLaDA)
     assert (out["backend"], out["world"], out["dtype"]) == ("gloo", 2, "float32")
     assert out["tokens_equal"] and out["token_agreement"] == 1.0
@@ -232,3 +232,5 @@ def test_bench_tp_section_reduces_twice_per_layer_and_keeps_tp1s_tokens():
     assert by["dual"]["bytes_reduced"] < by["prefix"]["bytes_reduced"] < by["none"]["bytes_reduced"]
     # tiny-llada2 reduces its untied lm_head too: 9 per forward (the block host's prefill, block passes, stores)
     assert by["exact"]["allreduces"] % (2 * 4 + 1) == 0 and by["exact"]["allreduces"] > 0
+    with pytest.raises(SystemExit, match="unknown tiny-nope"):
+        load_job("bench").main(["--section", "tp", "--tp-models", "tiny-llada,tiny-nope"])
