@@ -172,6 +172,10 @@ class ExecutionConfig(_Section):
     """How the work spreads over Ray actors."""
 
     actors: int = Field(2, ge=1, description="Actors (model replicas) in the pool; one per GPU on a GPU cluster.")
+    tensor_parallel: int = Field(1, ge=1, description="Ranks per replica: above 1, each actor is a replica of "
+                                 "this many ranks on one node (a placement group of that many bundles of "
+                                 "gpus_per_actor GPUs and cpus_per_actor CPUs), over which DeepSpeed shards "
+                                 "the model (native families; divides the attention and KV heads).")
     gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per actor (0 = CPU). A request the "
                                   "cluster cannot meet fails after actor_start_timeout_s.")
     cpus_per_actor: Optional[float] = Field(None, gt=0, description="Logical CPUs per actor (fractions "
