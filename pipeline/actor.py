@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
+from pipeline.replica import ReplicaLost
 from pipeline.schema import ERROR, INPUT_ERROR, OK, OUTPUT_COLUMNS, OUTPUT_SCHEMA, passthrough_name
 
 if TYPE_CHECKING:
@@ -207,6 +208,8 @@ class GenerateActor:
             return {}
         try:
             return self._decode_some(rows, ids, todo)
+        except ReplicaLost:
+            raise  # a lost rank is the replica's, never the rows' (its actor restarts; pipeline.replica)
         except Exception as e:
             # one bad row must not take the others down: retry them one by one to isolate it
             self._count_fallback(len(todo), f"{type(e).__name__}: {e}")
@@ -214,6 +217,8 @@ class GenerateActor:
             for i in todo:
                 try:
                     out.update(self._decode_some(rows, ids, [i]))
+                except ReplicaLost:
+                    raise
                 except Exception as e:
                     out[i] = {"error": f"decode failed: {type(e).__name__}: {e}"}
             return out

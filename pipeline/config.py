@@ -176,10 +176,11 @@ class ExecutionConfig(_Section):
                                  "this many ranks on one node (a placement group of that many bundles of "
                                  "gpus_per_actor GPUs and cpus_per_actor CPUs), over which DeepSpeed shards "
                                  "the model (native families; divides the attention and KV heads).")
-    gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per actor (0 = CPU). A request the "
-                                  "cluster cannot meet fails after actor_start_timeout_s.")
-    cpus_per_actor: Optional[float] = Field(None, gt=0, description="Logical CPUs per actor (fractions "
-                                            "allowed). Unset: 1 with GPUs; on CPU, the cluster's CPUs "
+    gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per actor (0 = CPU); per rank "
+                                  "where tensor_parallel > 1 (whole GPUs then). A request the cluster cannot "
+                                  "meet fails after actor_start_timeout_s.")
+    cpus_per_actor: Optional[float] = Field(None, gt=0, description="Logical CPUs per actor, per rank "
+                                            "where tensor_parallel > 1 (fractions allowed). Unset: 1 with GPUs; on CPU, the cluster's CPUs "
                                             "minus one spread over the actors (read/write tasks need one).")
     batch_size: int = Field(64, ge=1, description="Rows per actor call (map_batches batch_size); the "
                                                   "decoder keeps decoding.batch_size of them in flight.")

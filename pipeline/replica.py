@@ -311,20 +311,7 @@ class Replica:
             mine = decode(self.model, prompts, self.config, seeds=seeds)
         except Exception as e:  # a collective's error on a lost peer lands here too: the ranks' answers tell
             mine = e
-        theirs = self._wait(refs, RANK_TIMEOUT_S, "decode")
-        failed = [isinstance(a, BaseException) for a in [mine, *theirs]]
-        if all(failed):
-            raise mine
-        if any(failed):
-            rank = failed.index(True)
-            what = mine if rank == 0 else theirs[rank - 1]
-            raise ReplicaLost(f"ranks out of step: rank {rank} raised {_first_line(what)}")
-        expected = (mine.tokens.tolist(), mine.num_generated.tolist())
-        for rank, answer in enumerate(theirs, start=1):
-            if tuple(answer) != expected:
-                raise RuntimeError(f"tensor parallel ranks disagree: rank {rank}'s tokens differ from rank 0's "
-                                   "(the sharded forward is not deterministic across ranks)")
-        return mine
+        return settle(mine, self._wait(refs, RANK_TIMEOUT_S, "decode"))
 
     def _lost(self, e: ReplicaLost) -> None:
         """Record the loss in the run's counter, then hand over to on_loss (which exits the process)."""
@@ -337,6 +324,28 @@ class Replica:
             except Exception:
                 pass  # the count is a report; losing it must not keep the replica from restarting
         self.on_loss(reason)
+
+
+def settle(mine: Any, theirs: list[Any]) -> Any:
+    """Rank 0's decode result once the other ranks' answers ((tokens, num_generated) lists, or the exception
+    a rank raised) agree with it; `mine` is rank 0's DecodeResult or exception.
+
+    Every rank raising is the rows' doing: rank 0's exception is raised (the caller isolates the bad row,
+    still in lockstep). Some raising and some not: the ranks are out of step (ReplicaLost). Tokens that
+    differ: RuntimeError (the sharded forward is not deterministic across ranks)."""
+    failed = [isinstance(a, BaseException) for a in [mine, *theirs]]
+    if all(failed):
+        raise mine
+    if any(failed):
+        rank = failed.index(True)
+        raise ReplicaLost(f"ranks out of step: rank {rank} raised "
+                          f"{_first_line(mine if rank == 0 else theirs[rank - 1])}")
+    expected = (mine.tokens.tolist(), mine.num_generated.tolist())
+    for rank, answer in enumerate(theirs, start=1):
+        if tuple(answer) != expected:
+            raise RuntimeError(f"tensor parallel ranks disagree: rank {rank}'s tokens differ from rank 0's "
+                               "(the sharded forward is not deterministic across ranks)")
+    return mine
 
 
 def _first_line(e: BaseException) -> str:
