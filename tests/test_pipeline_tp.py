@@ -15,11 +15,11 @@ from pathlib import Path
 
 from types import SimpleNamespace
 
-import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from tiny_support import actor_processes
 
 from pipeline import output
 from pipeline.actor import GenerateActor
@@ -117,18 +117,6 @@ def test_tp2_gives_the_tokens_of_tp1_across_caches_rules_and_temperatures(ray_lo
 
 # ----------------------------------------------------------------------------- a lost rank
 
-def rank_pids() -> list[int]:
-    """PIDs of live RankActor processes (Ray names a worker process after its actor class)."""
-    found = []
-    for p in psutil.process_iter(["cmdline", "status"]):
-        try:
-            if "RankActor" in " ".join(p.info["cmdline"] or []) and p.info["status"] != psutil.STATUS_ZOMBIE:
-                found.append(p.pid)
-        except psutil.Error:
-            continue
-    return found
-
-
 @pytest.mark.ray
 def test_rank1_killed_mid_job_restarts_the_replica_and_writes_every_id_once(ray_local, tmp_path, task_rows):
     n = 48
@@ -140,7 +128,7 @@ def test_rank1_killed_mid_job_restarts_the_replica_and_writes_every_id_once(ray_
         # once two parts are written, rank 1 is inside a batch (rank 0 keeps it busy while rows remain)
         deadline = time.time() + 240
         while not killed and time.time() < deadline:
-            pids = rank_pids()
+            pids = actor_processes("RankActor")
             if pids and len(output.part_files(cfg.output.dir)) >= 2:
                 os.kill(pids[0], signal.SIGKILL)
                 killed.append(pids[0])
