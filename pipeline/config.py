@@ -176,6 +176,10 @@ class ExecutionConfig(_Section):
                                  "this many ranks on one node (a placement group of that many bundles of "
                                  "gpus_per_actor GPUs and cpus_per_actor CPUs), over which DeepSpeed shards "
                                  "the model (native families; divides the attention and KV heads).")
+    rank_timeout_s: int = Field(300, ge=1, description="With tensor_parallel > 1: how long a rank waits for "
+                                "the others inside one collective (the ranks decode in lockstep, so this bounds "
+                                "their skew, not a decode's length); past it the replica counts as lost and "
+                                "restarts, and its batch is retried.")
     gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per actor (0 = CPU); per rank "
                                   "where tensor_parallel > 1 (whole GPUs then). A request the cluster cannot "
                                   "meet fails after actor_start_timeout_s.")

@@ -12,7 +12,7 @@ the same `prophet.decode.decode` itself (the collectives inside the forward keep
 and every rank sees the same logits, so every rank makes the same choices), then checks that every
 rank produced the same tokens. The decode loop knows nothing of this.
 
-A lost rank (killed, or silent past RANK_TIMEOUT_S) loses the replica: the process group cannot be
+A lost rank (killed, or silent past execution.rank_timeout_s) loses the replica: the process group cannot be
 repaired. Rank 0 records why in the run's named `RestartCounter` and exits its process; Ray restarts
 it (execution.max_restarts), its ranks die with it (Ray actors share their owner's fate), the
 restarted rank 0 starts fresh ones, and Ray Data retries the batch (execution.max_task_retries).
@@ -28,12 +28,6 @@ from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
     from pipeline.actor import ActorSpec
-
-# How long a rank may wait for the others inside one collective, or rank 0 for the ranks' answers
-# once its own decode is done. The ranks run the same steps in lockstep, so this bounds the skew
-# between them (and a rank that hangs), not the length of a decode.
-RANK_TIMEOUT_S = 300
-
 
 def head_counts(config: Any) -> tuple[int, int]:
     """(attention heads, KV heads) of a native family's config (LLaDA's names, else transformers')."""
@@ -158,11 +152,11 @@ class ReplicaGroups:
         self.groups, self.handed_out = [], 0
 
 
-def join_group(rank: int, world: int, address: str, port: int, device: str, store: Any = None) -> None:
+def join_group(rank: int, rep: ReplicaSpec, address: str, port: int, device: str, store: Any = None) -> None:
     """Join the replica's torch.distributed group through rank 0's store (rank 0 passes its own store)."""
     import torch.distributed as dist
 
-    timeout = timedelta(seconds=RANK_TIMEOUT_S)
+    world, timeout = rep.size, timedelta(seconds=rep.timeout_s)
     if store is None:
         store = dist.TCPStore(address, port, world, is_master=False, timeout=timeout)
     # DeepSpeed reads these where it looks for a launcher; LOCAL_RANK 0: Ray shows each rank its one GPU
@@ -191,6 +185,7 @@ class ReplicaSpec:
     cpus: float                      # per rank
     gpus: float                      # per rank
     start_timeout_s: float           # for the other ranks to be scheduled and load the model
+    timeout_s: float = 300           # a rank's wait for the others in one collective (execution.rank_timeout_s)
     counter: str | None = None       # name of the run's RestartCounter Ray actor, where there is one
 
 
@@ -211,7 +206,7 @@ class RankActor:
         """Join the process group and shard the model (every rank at once); returns the rank's parameter count."""
         from pipeline.actor import wrap_with_deepspeed
 
-        join_group(self.rank, self.spec.replica.size, address, port, self.spec.device)
+        join_group(self.rank, self.spec.replica, address, port, self.spec.device)
         self.model.module = wrap_with_deepspeed(self.model.module, self.dtype, self.spec.replica.size)
         return sum(p.numel() for p in self.model.module.parameters())
 
@@ -262,13 +257,13 @@ class Replica:
                  .remote(spec, r) for r in range(1, tp)]
         self._wait([r.ready.remote() for r in ranks], rep.start_timeout_s, "start")
         address = ray.util.get_node_ip_address()
-        store = dist.TCPStore(address, 0, tp, is_master=True, timeout=timedelta(seconds=RANK_TIMEOUT_S),
+        store = dist.TCPStore(address, 0, tp, is_master=True, timeout=timedelta(seconds=rep.timeout_s),
                               wait_for_workers=False)
         joined = [r.join.remote(address, store.port) for r in ranks]
-        join_group(0, tp, address, store.port, spec.device, store)
+        join_group(0, rep, address, store.port, spec.device, store)
         self.model.module = wrap_with_deepspeed(self.model.module, dtype, tp)
         mine = sum(p.numel() for p in self.model.module.parameters())
-        return ranks, [mine, *self._wait(joined, RANK_TIMEOUT_S, "join")]
+        return ranks, [mine, *self._wait(joined, rep.timeout_s, "join")]
 
     def _wait(self, refs: list[Any], timeout_s: float, what: str) -> list[Any]:
         """The ranks' answers; ReplicaLost for a rank that died or did not answer within timeout_s.
@@ -311,11 +306,11 @@ class Replica:
             mine = decode(self.model, prompts, self.config, seeds=seeds)
         except Exception as e:  # a collective's error on a lost peer lands here too: the ranks' answers tell
             mine = e
-        return settle(mine, self._wait(refs, RANK_TIMEOUT_S, "decode"))
+        return settle(mine, self._wait(refs, self.spec.replica.timeout_s, "decode"))
 
     def _lost(self, e: ReplicaLost) -> None:
         """Record the loss in the run's counter, then hand over to on_loss (which exits the process)."""
-        reason = _first_line(e)
+        reason = str(e).splitlines()[0][:500]
         if self.spec.replica.counter:
             try:
                 import ray

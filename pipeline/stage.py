@@ -261,7 +261,8 @@ class DecodeStage:
         if ex.tensor_parallel == 1:
             return None
         return ReplicaSpec(size=ex.tensor_parallel, cpus=res.cpus, gpus=res.gpus,
-                           start_timeout_s=ex.actor_start_timeout_s, counter=self._replica_counter)
+                           start_timeout_s=ex.actor_start_timeout_s, timeout_s=ex.rank_timeout_s,
+                           counter=self._replica_counter)
 
     def __call__(self, ds: Any) -> Any:
         """(ids) -> blocks of rows_per_block -> the actor pool; lazy, like any Dataset transform."""
