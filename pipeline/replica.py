@@ -231,6 +231,7 @@ class Replica:
                  on_loss: Callable[[str], None] = exit_process) -> None:
         self.spec, self.model, self.config, self.on_loss = spec, model, config, on_loss
         try:
+            # params: the parameters each rank holds after sharding, rank 0 first (about 1/N of the model's each)
             self.ranks, self.params = self._start(dtype)
         except ReplicaLost as e:
             self._lost(e)

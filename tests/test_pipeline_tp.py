@@ -72,13 +72,15 @@ def tp1_tokens(cfg, src: Path) -> dict[str, list[int]]:
     return dict(zip(out.column("id").to_pylist(), out.column("completion_ids").to_pylist()))
 
 
-def assert_tp2_matches_tp1(tmp_path: Path, task_rows: list[dict], model: str, n: int = 8, **decoding) -> None:
+def assert_tp2_matches_tp1(tmp_path: Path, task_rows: list[dict], model: str, n: int = 8, actors: int = 1,
+                           **decoding) -> None:
     src = write_prompts(tmp_path / f"{model}.jsonl", task_rows, n)
-    cfg = job(src, tmp_path / f"out-{model}", model, 2, **{f"decoding.{k}": v for k, v in decoding.items()})
+    cfg = job(src, tmp_path / f"out-{model}", model, 2, **{"execution.actors": actors},
+              **{f"decoding.{k}": v for k, v in decoding.items()})
     before = rank_actors()
     s = run(cfg, log=lambda _: None)
     assert (s.status, s.ok, s.extra["replica_restarts"]["restarts"]) == ("complete", n, 0)
-    assert len(rank_actors() - before) == 1  # rank 1 of the one replica was a Ray actor of its own
+    assert len(rank_actors() - before) == actors  # each replica's rank 1 was a Ray actor of its own
     got = tokens_by_id(tmp_path / f"out-{model}")
     assert got == tp1_tokens(cfg, src)
     assert len({tuple(t) for t in got.values()}) > 1  # rows decoded to different things: a real comparison
@@ -93,9 +95,10 @@ def test_tp2_llada_dual_cache_prophet_sampled_gives_the_tokens_of_tp1(ray_local,
 
 
 @pytest.mark.ray
-def test_tp2_dream_prefix_cache_full_argmax_gives_the_tokens_of_tp1(ray_local, tmp_path, task_rows):
-    assert_tp2_matches_tp1(tmp_path, task_rows, "tiny-dream", cache="prefix", rule="full", temperature=0.0,
-                           block_length=8)
+def test_tp2_dream_prefix_cache_full_argmax_on_two_replicas_gives_the_tokens_of_tp1(ray_local, tmp_path, task_rows):
+    # two replicas: each actor gets a placement group of its own
+    assert_tp2_matches_tp1(tmp_path, task_rows, "tiny-dream", actors=2, cache="prefix", rule="full",
+                           temperature=0.0, block_length=8)
 
 
 @pytest.mark.ray
