@@ -29,6 +29,19 @@ from typing import TYPE_CHECKING, Any, Callable
 if TYPE_CHECKING:
     from pipeline.actor import ActorSpec
 
+
+@dataclass(frozen=True)
+class ReplicaSpec:
+    """What rank 0 needs to build its replica (ActorSpec.replica; None = tensor_parallel 1)."""
+
+    size: int                        # ranks (execution.tensor_parallel)
+    cpus: float                      # per rank
+    gpus: float                      # per rank
+    start_timeout_s: float           # for the other ranks to be scheduled and load the model
+    timeout_s: float = 300           # a rank's wait for the others in one collective (execution.rank_timeout_s)
+    counter: str | None = None       # name of the run's RestartCounter Ray actor, where there is one
+
+
 def head_counts(config: Any) -> tuple[int, int]:
     """(attention heads, KV heads) of a native family's config (LLaDA's names, else transformers')."""
     heads = getattr(config, "n_heads", None) or config.num_attention_heads
@@ -88,11 +101,13 @@ class RestartCounter:
         self.first_reason: str | None = None
 
     def record(self, reason: str) -> None:
+        """One replica restarted, for `reason`."""
         self.restarts += 1
         if self.first_reason is None:
             self.first_reason = reason
 
     def report(self) -> dict:
+        """{'restarts', 'first_reason'}: the summary's and the manifest's replica_restarts."""
         return {"restarts": self.restarts, "first_reason": self.first_reason}
 
 
@@ -177,18 +192,6 @@ def join_group(rank: int, rep: ReplicaSpec, address: str, port: int, device: str
     InferenceEngine.inference_mp_group = dist.new_group(list(range(world)), timeout=timeout)
 
 
-@dataclass(frozen=True)
-class ReplicaSpec:
-    """What rank 0 needs to build its replica (ActorSpec.replica; None = tensor_parallel 1)."""
-
-    size: int                        # ranks (execution.tensor_parallel)
-    cpus: float                      # per rank
-    gpus: float                      # per rank
-    start_timeout_s: float           # for the other ranks to be scheduled and load the model
-    timeout_s: float = 300           # a rank's wait for the others in one collective (execution.rank_timeout_s)
-    counter: str | None = None       # name of the run's RestartCounter Ray actor, where there is one
-
-
 class RankActor:
     """Rank 1..N-1 of a replica: the model loaded, sharded with rank 0's group, decoding what rank 0 sends."""
 
@@ -261,8 +264,12 @@ class Replica:
         store = dist.TCPStore(address, 0, tp, is_master=True, timeout=timedelta(seconds=rep.timeout_s),
                               wait_for_workers=False)
         joined = [r.join.remote(address, store.port) for r in ranks]
-        join_group(0, rep, address, store.port, spec.device, store)
-        self.model.module = wrap_with_deepspeed(self.model.module, dtype, tp)
+        try:
+            join_group(0, rep, address, store.port, spec.device, store)
+            self.model.module = wrap_with_deepspeed(self.model.module, dtype, tp)
+        except Exception:
+            self._wait(joined, rep.timeout_s, "join")  # a rank lost on the way is the reason (ReplicaLost)
+            raise
         mine = sum(p.numel() for p in self.model.module.parameters())
         return ranks, [mine, *self._wait(joined, rep.timeout_s, "join")]
 

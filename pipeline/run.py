@@ -361,7 +361,8 @@ def _pool_did_not_start(cfg: JobConfig, cluster: dict, res: Resources) -> Pipeli
     each = f"each of {ex.actors} actors" + (f" (a replica of {ex.tensor_parallel} ranks on one node, each rank)"
                                             if ex.tensor_parallel > 1 else "")
     return PipelineError(
-        f"no actor started within execution.actor_start_timeout_s={ex.actor_start_timeout_s}s: {each} asks for {res.gpus:g} GPU(s) and {res.cpus:g} CPU(s); the cluster has "
+        f"no actor started within execution.actor_start_timeout_s={ex.actor_start_timeout_s}s: {each} asks for "
+        f"{res.gpus:g} GPU(s) and {res.cpus:g} CPU(s); the cluster has "
         f"{cluster.get('GPU', 0):g} GPU(s) and {cluster.get('CPU', 0):g} CPU(s). Use a cluster with the GPUs "
         "(or let its autoscaler add them), lower execution.gpus_per_actor, cpus_per_actor or actors, or set "
         "gpus_per_actor: 0 to run on CPU")
@@ -520,7 +521,9 @@ def _decode_all(plan: Plan, done: Any, run_id: str, t0: float, old: dict | None,
         res = resolve_resources(cfg, cluster, nodes.largest_cpus(alive_at_start))
         check_replica_fits(cfg, res, alive_at_start)
         log(f"Ray {'started' if started else 'joined'} at {time.time() - t0:.1f}s: {cluster.get('CPU', 0):g} CPUs, "
-            f"{cluster.get('GPU', 0):g} GPUs; {cfg.execution.actors} actors x {res.cpus:g} CPU, {res.gpus:g} GPU")
+            f"{cluster.get('GPU', 0):g} GPUs; {cfg.execution.actors} actors x "
+            + (f"{cfg.execution.tensor_parallel} ranks x " if cfg.execution.tensor_parallel > 1 else "")
+            + f"{res.cpus:g} CPU, {res.gpus:g} GPU")
         manifest = _manifest(plan, old, run_id, t0, cluster, res)
         output.write_manifest(out, manifest)
         configure_data_context(cfg)
