@@ -203,7 +203,11 @@ def with_ids(batch: pa.Table, prompt_column: str, messages_column: str | None, i
 
 
 class DecodeStage:
-    """Dataset -> Dataset of output rows (pipeline.schema), decoded on a pool of GenerateActor."""
+    """Dataset -> Dataset of output rows (pipeline.schema), decoded on a pool of GenerateActor.
+
+    With execution.tensor_parallel > 1 every actor is rank 0 of a replica with a placement group of its
+    own (pipeline.replica); call `release()` once the Dataset has run to give the groups back (else they
+    go when the driver ends)."""
 
     def __init__(self, cfg: StageConfig, plan: StagePlan | None = None, *, assign_ids: bool = True,
                  resources: Any = None, drop_columns: tuple[str, ...] = (pio.ROW_KEY,),
