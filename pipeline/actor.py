@@ -13,11 +13,15 @@ import os
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
+from pipeline.replica import ReplicaLost
 from pipeline.schema import ERROR, INPUT_ERROR, OK, OUTPUT_COLUMNS, OUTPUT_SCHEMA, passthrough_name
+
+if TYPE_CHECKING:
+    from pipeline.replica import ReplicaSpec
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
@@ -43,6 +47,7 @@ class ActorSpec:
     revision: str | None = None
     drop_columns: tuple[str, ...] = field(default=())  # internal input columns never written
     fallback_counter: str | None = None  # name of the run's FallbackCounter Ray actor, where there is one
+    replica: ReplicaSpec | None = None  # the replica's ranks where execution.tensor_parallel > 1 (pipeline.replica)
 
 
 class FallbackCounter:
@@ -145,25 +150,38 @@ def prepare(text: str | None, error: str | None, encode: Any, max_prompt: int) -
     return Prepared(text, ids)
 
 
+def load_engine(spec: ActorSpec) -> tuple[Any, Any, Any]:
+    """(model, DecodeConfig, torch dtype) of an actor or a rank, the model loaded whole (not yet wrapped)."""
+    if spec.device == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import torch
+
+    from pipeline.config import decode_config_from_dict
+    from prophet.models import load_model
+
+    torch.set_num_threads(spec.threads)
+    dtype = getattr(torch, DTYPES[spec.dtype])
+    model = load_model(spec.model_dir, device=spec.device, dtype=dtype, allow_pickle=spec.allow_pickle,
+                       trust_remote_code=spec.trust_remote_code, revision=spec.revision)
+    return model, decode_config_from_dict(spec.decode), dtype
+
+
 class GenerateActor:
-    """Callable class for `map_batches`: pyarrow batch in, output rows (schema.OUTPUT_SCHEMA) out."""
+    """Callable class for `map_batches`: pyarrow batch in, output rows (schema.OUTPUT_SCHEMA) out.
+
+    With execution.tensor_parallel N > 1 this actor is rank 0 of a replica (pipeline.replica): it starts
+    the other ranks, and every batch decodes on all of them in lockstep."""
 
     def __init__(self, spec: ActorSpec) -> None:
-        if spec.device == "cpu":
-            os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        import torch
-
-        from pipeline.config import decode_config_from_dict
-        from prophet.models import load_model
-
-        torch.set_num_threads(spec.threads)
         self.spec = spec
-        dtype = getattr(torch, DTYPES[spec.dtype])
-        self.model = load_model(spec.model_dir, device=spec.device, dtype=dtype, allow_pickle=spec.allow_pickle,
-                                trust_remote_code=spec.trust_remote_code, revision=spec.revision)
-        if spec.engine == "deepspeed":
+        self.model, self.config, dtype = load_engine(spec)
+        self.replica = None
+        if spec.replica is not None:
+            from pipeline.replica import Replica
+
+            self.replica = Replica(spec, self.model, self.config, dtype)
+        elif spec.engine == "deepspeed":
             self.model.module = wrap_with_deepspeed(self.model.module, dtype)
-        self.config = decode_config_from_dict(spec.decode)
         self.max_prompt = self.model.max_length - self.config.gen_length
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
         self.fallbacks = FallbackCounter()  # this actor's own count; the run's is spec.fallback_counter
@@ -190,6 +208,8 @@ class GenerateActor:
             return {}
         try:
             return self._decode_some(rows, ids, todo)
+        except ReplicaLost:
+            raise  # a lost rank is the replica's, never the rows' (its actor restarts; pipeline.replica)
         except Exception as e:
             # one bad row must not take the others down: retry them one by one to isolate it
             self._count_fallback(len(todo), f"{type(e).__name__}: {e}")
@@ -197,6 +217,8 @@ class GenerateActor:
             for i in todo:
                 try:
                     out.update(self._decode_some(rows, ids, [i]))
+                except ReplicaLost:
+                    raise
                 except Exception as e:
                     out[i] = {"error": f"decode failed: {type(e).__name__}: {e}"}
             return out
@@ -217,7 +239,10 @@ class GenerateActor:
         from prophet.decode import decode
 
         seeds = [row_seed(self.spec.seed, ids[i]) for i in todo]
-        res = decode(self.model, [rows[i].ids for i in todo], self.config, seeds=seeds)
+        prompts = [rows[i].ids for i in todo]
+        # a replica of N ranks decodes in lockstep; a lost rank never comes back here (the actor restarts)
+        res = (self.replica.decode(prompts, seeds) if self.replica is not None
+               else decode(self.model, prompts, self.config, seeds=seeds))
         finished = time.time()
         tokens, n_gen = res.tokens.tolist(), res.num_generated.tolist()
         steps, early = res.steps_used.tolist(), res.committed_early.tolist()

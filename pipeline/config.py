@@ -172,10 +172,19 @@ class ExecutionConfig(_Section):
     """How the work spreads over Ray actors."""
 
     actors: int = Field(2, ge=1, description="Actors (model replicas) in the pool; one per GPU on a GPU cluster.")
-    gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per actor (0 = CPU). A request the "
-                                  "cluster cannot meet fails after actor_start_timeout_s.")
-    cpus_per_actor: Optional[float] = Field(None, gt=0, description="Logical CPUs per actor (fractions "
-                                            "allowed). Unset: 1 with GPUs; on CPU, the cluster's CPUs "
+    tensor_parallel: int = Field(1, ge=1, description="Ranks per replica: above 1, each actor is a replica of "
+                                 "this many ranks on one node (a placement group of that many bundles of "
+                                 "gpus_per_actor GPUs and cpus_per_actor CPUs), over which DeepSpeed shards "
+                                 "the model (native families; divides the attention and KV heads).")
+    rank_timeout_s: int = Field(300, ge=1, description="With tensor_parallel > 1: how long a rank waits for "
+                                "the others inside one collective (the ranks decode in lockstep, so this bounds "
+                                "their skew, not a decode's length); past it the replica counts as lost and "
+                                "restarts, and its batch is retried.")
+    gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per actor (0 = CPU); per rank "
+                                  "where tensor_parallel > 1 (whole GPUs then). A request the cluster cannot "
+                                  "meet fails after actor_start_timeout_s.")
+    cpus_per_actor: Optional[float] = Field(None, gt=0, description="Logical CPUs per actor, per rank "
+                                            "where tensor_parallel > 1 (fractions allowed). Unset: 1 with GPUs; on CPU, the cluster's CPUs "
                                             "minus one spread over the actors (read/write tasks need one).")
     batch_size: int = Field(64, ge=1, description="Rows per actor call (map_batches batch_size); the "
                                                   "decoder keeps decoding.batch_size of them in flight.")

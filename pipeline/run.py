@@ -34,7 +34,8 @@ from pipeline import io as pio
 from pipeline import completeness, console, leftovers, nodes, output, storage
 from pipeline.lock import OutputLock
 from pipeline.actor import ActorSpec
-from pipeline.resources import Resources, resolve_resources  # noqa: F401 (tests import them from here)
+from pipeline.replica import rank_bundle
+from pipeline.resources import Resources, check_replica_fits, resolve_resources  # noqa: F401 (tests import them from here)
 from pipeline.config import JobConfig, JobConfigError
 from pipeline.stage import (NOT_IN_SETTINGS, DecodeStage, StageConfig, StagePlan, check_chat_template,  # noqa: F401
                             plan_stage)
@@ -132,7 +133,7 @@ class Summary:
                 f"already done; {self.output} holds {self.total_rows} rows, {self.unique_ids} distinct ids"
                 f"{self._ids_text()}\n"
                 f"wall {self.wall_s:.1f}s, {self.rows_per_s:.2f} rows/s, settings {self.settings_hash}"
-                + self._fallback_text() + (f"\n{self.problem}" if self.problem else ""))
+                + self._fallback_text() + self._restart_text() + (f"\n{self.problem}" if self.problem else ""))
 
     def with_ids(self, found: completeness.Completeness) -> "Summary":
         """This summary with the output's input-id counts (see pipeline.completeness)."""
@@ -159,6 +160,14 @@ class Summary:
             return ""
         return (f"\n{fb['batches']} batches ({fb['rows']} rows) fell back to row-by-row decoding; "
                 f"first error: {fb['first_error']}")
+
+    def _restart_text(self) -> str:
+        """A line on replicas that lost a rank and restarted (execution.tensor_parallel > 1), or nothing."""
+        rs = self.extra.get("replica_restarts") or {}
+        if not rs.get("restarts"):
+            return ""
+        return (f"\n{rs['restarts']} replica restart(s): a rank was lost, the replica restarted and its batch "
+                f"was retried; first: {rs['first_reason']}")
 
 
 # ----------------------------------------------------------------------------- before Ray
@@ -281,12 +290,14 @@ def connect_ray(cfg: JobConfig, log: Callable[[str], None] = print) -> bool:
     return False
 
 
-def decode_stage(plan: Plan, res: Resources, fallback_counter: str | None = None) -> DecodeStage:
+def decode_stage(plan: Plan, res: Resources, run_id: str | None = None) -> DecodeStage:
     """The job's decode stage: the one users put in their own Ray Data pipelines (pipeline.stage),
-    given this job's plan and resources; the job's reader has already assigned the ids."""
+    given this job's plan and resources; the job's reader has already assigned the ids. With a run_id,
+    its actors report to the run's named counters (start_counters)."""
     return DecodeStage(StageConfig.from_job(plan.cfg), StagePlan(plan.decode, plan.settings, plan.settings_hash,
                                                                      plan.chat_template, plan.token_ids),
-                       assign_ids=False, resources=res, fallback_counter=fallback_counter)
+                       assign_ids=False, resources=res, fallback_counter=run_id and FALLBACKS.format(run_id),
+                       replica_counter=run_id and RESTARTS.format(run_id))
 
 
 def actor_spec(plan: Plan, res: Resources) -> ActorSpec:
@@ -294,7 +305,7 @@ def actor_spec(plan: Plan, res: Resources) -> ActorSpec:
     return decode_stage(plan, res).actor_spec()
 
 
-def build_dataset(plan: Plan, res: Resources, done: Any, run_id: str, fallback_counter: str | None = None):
+def build_dataset(plan: Plan, stage: DecodeStage, done: Any, run_id: str):
     """read -> ids, drop done prompts -> (limit) -> samples -> the decode stage -> (dataset, sink); nothing
     runs yet. The limit counts prompts, so --limit 20 --num-samples 3 writes 60 rows."""
     from pipeline.datasources import PartSink, read_dataset
@@ -310,7 +321,7 @@ def build_dataset(plan: Plan, res: Resources, done: Any, run_id: str, fallback_c
     if n > 1:
         ds = ds.map_batches(pio.samples_not_done, batch_format="pyarrow", batch_size=None,
                             fn_kwargs={"done": done, "num_samples": n})
-    return decode_stage(plan, res, fallback_counter)(ds), PartSink(cfg.output.dir, run_id, cfg.execution.rows_per_file)
+    return stage(ds), PartSink(cfg.output.dir, run_id, cfg.execution.rows_per_file)
 
 
 def configure_data_context(cfg: JobConfig) -> None:
@@ -321,7 +332,7 @@ def configure_data_context(cfg: JobConfig) -> None:
     DataContext.get_current().wait_for_min_actors_s = cfg.execution.actor_start_timeout_s
 
 
-def reserve_pool(cfg: JobConfig, cluster: dict, res: Resources) -> None:
+def reserve_pool(cfg: JobConfig, cluster: dict, res: Resources, stage: DecodeStage | None = None) -> None:
     """Wait until the cluster can hold the whole actor pool; past actor_start_timeout_s fail, leaving nothing behind.
 
     The pool's resources are asked for as one placement group, which an autoscaler sees and serves, and
@@ -331,8 +342,12 @@ def reserve_pool(cfg: JobConfig, cluster: dict, res: Resources) -> None:
     from ray.util.placement_group import placement_group, remove_placement_group
 
     ex = cfg.execution
-    bundle = {"CPU": res.cpus, **({"GPU": res.gpus} if res.gpus else {})}
-    pg = placement_group([bundle] * ex.actors, strategy="PACK")
+    groups = stage.replica_groups() if stage is not None else None
+    if groups is not None:  # replicas of N ranks: their own groups, reserved now and kept for the actors
+        if not groups.reserve(ex.actors, ex.actor_start_timeout_s):
+            raise _pool_did_not_start(cfg, cluster, res)
+        return
+    pg = placement_group([rank_bundle(res.cpus, res.gpus)] * ex.actors, strategy="PACK")
     try:
         ready = pg.wait(timeout_seconds=ex.actor_start_timeout_s)
     finally:
@@ -343,9 +358,11 @@ def reserve_pool(cfg: JobConfig, cluster: dict, res: Resources) -> None:
 
 def _pool_did_not_start(cfg: JobConfig, cluster: dict, res: Resources) -> PipelineError:
     ex = cfg.execution
+    each = f"each of {ex.actors} actors" + (f" (a replica of {ex.tensor_parallel} ranks on one node, each rank)"
+                                            if ex.tensor_parallel > 1 else "")
     return PipelineError(
-        f"no actor started within execution.actor_start_timeout_s={ex.actor_start_timeout_s}s: each of "
-        f"{ex.actors} actors asks for {res.gpus:g} GPU(s) and {res.cpus:g} CPU(s); the cluster has "
+        f"no actor started within execution.actor_start_timeout_s={ex.actor_start_timeout_s}s: {each} asks for "
+        f"{res.gpus:g} GPU(s) and {res.cpus:g} CPU(s); the cluster has "
         f"{cluster.get('GPU', 0):g} GPU(s) and {cluster.get('CPU', 0):g} CPU(s). Use a cluster with the GPUs "
         "(or let its autoscaler add them), lower execution.gpus_per_actor, cpus_per_actor or actors, or set "
         "gpus_per_actor: 0 to run on CPU")
@@ -438,7 +455,7 @@ def _run_locked(plan: Plan, run_id: str, lock: OutputLock, t0: float, log: Calla
             + (f", {removed} partial parts of a killed run removed" if removed else ""))
     log(f"job checked in {time.time() - t0:.1f}s: {plan.fmt} input {cfg.input.path}, model {cfg.model.dir}, "
         f"settings {plan.settings_hash}")
-    manifest, fallbacks = _run_on_ray(plan, done, run_id, t0, old, log)
+    manifest, reports = _run_on_ray(plan, done, run_id, t0, old, log)
     try:
         if rewritten := output.harmonize_parts(out):
             log(f"{out}: {rewritten} parts given the columns other parts have (inputs differ in their keys)")
@@ -448,7 +465,7 @@ def _run_locked(plan: Plan, run_id: str, lock: OutputLock, t0: float, log: Calla
     found = completeness.check(expected, out)
     summary = Summary(out, counts["run_rows"], counts["run_ok"], counts["run_rows"] - counts["run_ok"], len(done),
                       counts["rows"], counts["unique_ids"], time.time() - t0, "complete", plan.settings_hash, run_id,
-                      extra={"batch_fallbacks": fallbacks}).with_ids(found)
+                      extra=reports).with_ids(found)
     summary.status, summary.problem = _verdict(cfg, found, lock.lost)
     _finish_manifest(manifest, summary, {**counts, **found.to_dict()})
     output.write_manifest(out, manifest)
@@ -484,7 +501,7 @@ def _plan_logging_calibration_warnings(cfg: JobConfig, log: Callable[[str], None
 
 def _run_on_ray(plan: Plan, done: Any, run_id: str, t0: float, old: dict | None,
                 log: Callable[[str], None]) -> tuple[dict, dict]:
-    """Connect to Ray, then decode with SIGTERM turned into Interrupted; (manifest, fallback report)."""
+    """Connect to Ray, then decode with SIGTERM turned into Interrupted; (manifest, the counters' reports)."""
     started = connect_ray(plan.cfg, log)
     # after ray.init, which installs its own SIGTERM handler (it aborts the driver without a word)
     with _sigterm_interrupts():
@@ -493,7 +510,8 @@ def _run_on_ray(plan: Plan, done: Any, run_id: str, t0: float, old: dict | None,
 
 def _decode_all(plan: Plan, done: Any, run_id: str, t0: float, old: dict | None, log: Callable[[str], None],
                 started: bool) -> tuple[dict, dict]:
-    """Write the running manifest, decode everything, stop a Ray this run started; (manifest, fallbacks)."""
+    """Write the running manifest, decode everything, stop a Ray this run started; (manifest, the reports of
+    the run's counters by summary key: batch_fallbacks, and replica_restarts for replicas of ranks)."""
     import ray
 
     cfg, out = plan.cfg, plan.cfg.output.dir
@@ -501,33 +519,49 @@ def _decode_all(plan: Plan, done: Any, run_id: str, t0: float, old: dict | None,
         cluster = {k: float(v) for k, v in ray.cluster_resources().items()}
         alive_at_start = nodes.alive_nodes(ray.nodes())  # to size actors, and to name a node lost mid-job
         res = resolve_resources(cfg, cluster, nodes.largest_cpus(alive_at_start))
+        check_replica_fits(cfg, res, alive_at_start)
         log(f"Ray {'started' if started else 'joined'} at {time.time() - t0:.1f}s: {cluster.get('CPU', 0):g} CPUs, "
-            f"{cluster.get('GPU', 0):g} GPUs; {cfg.execution.actors} actors x {res.cpus:g} CPU, {res.gpus:g} GPU")
+            f"{cluster.get('GPU', 0):g} GPUs; {cfg.execution.actors} actors x "
+            + (f"{cfg.execution.tensor_parallel} ranks x " if cfg.execution.tensor_parallel > 1 else "")
+            + f"{res.cpus:g} CPU, {res.gpus:g} GPU")
         manifest = _manifest(plan, old, run_id, t0, cluster, res)
         output.write_manifest(out, manifest)
         configure_data_context(cfg)
+        stage = decode_stage(plan, res, run_id)
         try:
-            reserve_pool(cfg, cluster, res)
-            counter = start_fallback_counter(run_id)
-            ds, sink = build_dataset(plan, res, done, run_id, fallback_counter=f"prophet-fallbacks-{run_id}")
+            reserve_pool(cfg, cluster, res, stage)
+            counters = start_counters(run_id, cfg.execution.tensor_parallel > 1)
+            ds, sink = build_dataset(plan, stage, done, run_id)
             execute(ds, sink, cfg, cluster, res, alive_at_start)
-            fallbacks = ray.get(counter.report.remote())
+            reports = {key: ray.get(c.report.remote()) for key, c in counters.items()}
         except BaseException as e:
             _mark_failed(out, manifest, e)
             raise
+        finally:
+            stage.release()
     finally:
         if started:
             ray.shutdown()
-    return manifest, fallbacks
+    return manifest, reports
 
 
-def start_fallback_counter(run_id: str) -> Any:
-    """The run's named FallbackCounter actor (no CPU, so it never takes a decode actor's place)."""
+FALLBACKS = "prophet-fallbacks-{}"  # the run's named counters, by run id
+RESTARTS = "prophet-replica-restarts-{}"
+
+
+def start_counters(run_id: str, replicas: bool) -> dict[str, Any]:
+    """The run's named counter actors (no CPU, so they never take a decode actor's place), by summary key:
+    batch_fallbacks (FallbackCounter), and replica_restarts (RestartCounter) where replicas have ranks."""
     import ray
 
     from pipeline.actor import FallbackCounter
+    from pipeline.replica import RestartCounter
 
-    return ray.remote(FallbackCounter).options(name=f"prophet-fallbacks-{run_id}", num_cpus=0).remote()
+    kinds = {"batch_fallbacks": (FallbackCounter, FALLBACKS)}
+    if replicas:
+        kinds["replica_restarts"] = (RestartCounter, RESTARTS)
+    return {key: ray.remote(cls).options(name=name.format(run_id), num_cpus=0).remote()
+            for key, (cls, name) in kinds.items()}
 
 
 def samples_identical(decode: dict) -> bool:
@@ -567,11 +601,11 @@ def _finish_manifest(manifest: dict, s: Summary, counts: dict) -> None:
     end = time.time()
     manifest["runs"][-1].update({"ended_at": end, "wall_s": round(s.wall_s, 3), "rows": s.rows, "ok": s.ok,
                                  "errors": s.errors, "skipped": s.skipped, "status": s.status, "problem": s.problem,
-                                 "batch_fallbacks": s.extra.get("batch_fallbacks")})
+                                 **s.extra})
     manifest.update({"status": s.status, "ended_at": end, "ended_at_iso": _iso(end), "wall_s": round(s.wall_s, 3),
                      "rows": {k: counts[k] for k in ("rows", "ok", "errors", "unique_ids", "files", "input_ids",
                                                      "output_ids", "missing_ids", "duplicate_rows")},
-                     "batch_fallbacks": s.extra.get("batch_fallbacks")})
+                     **s.extra})
 
 
 def _mark_failed(out: str, manifest: dict, e: BaseException) -> None:

@@ -33,7 +33,8 @@ from pipeline.actor import ActorSpec
 from pipeline.config import (DecodingConfig, ExecutionConfig, JobConfig, JobConfigError, ModelConfig, _Section,
                              format_validation_error, settings_hash)
 from pipeline.facts import model_facts, model_fingerprint
-from pipeline.resources import resolve_resources
+from pipeline.replica import ReplicaGroups, ReplicaSpec, check_tensor_parallel
+from pipeline.resources import check_replica_fits, resolve_resources
 
 # DecodeConfig fields that change how fast rows decode, never what they decode to (the core
 # guarantees batch-independence), so a resumed job may change them.
@@ -89,6 +90,7 @@ def plan_stage(cfg: StageConfig | JobConfig) -> StagePlan:
     if "://" not in stage.model.dir and not Path(stage.model.dir).is_dir():
         raise JobConfigError(f"model.dir: no such directory {stage.model.dir}")
     host, anchor_ids = model_facts(stage)
+    check_tensor_parallel(stage)
     template = uses_template(stage)
     decode = stage.decode_config(host, anchor_ids).to_dict()
     check_block_length(stage, decode)
@@ -201,14 +203,33 @@ def with_ids(batch: pa.Table, prompt_column: str, messages_column: str | None, i
 
 
 class DecodeStage:
-    """Dataset -> Dataset of output rows (pipeline.schema), decoded on a pool of GenerateActor."""
+    """Dataset -> Dataset of output rows (pipeline.schema), decoded on a pool of GenerateActor.
+
+    With execution.tensor_parallel > 1 every actor is rank 0 of a replica with a placement group of its
+    own (pipeline.replica); call `release()` once the Dataset has run to give the groups back (else they
+    go when the driver ends)."""
 
     def __init__(self, cfg: StageConfig, plan: StagePlan | None = None, *, assign_ids: bool = True,
                  resources: Any = None, drop_columns: tuple[str, ...] = (pio.ROW_KEY,),
-                 fallback_counter: str | None = None):
+                 fallback_counter: str | None = None, replica_counter: str | None = None):
         self.cfg, self.plan = cfg, plan or plan_stage(cfg)
         self._assign_ids, self._resources, self._drop = assign_ids, resources, drop_columns
         self._fallback_counter = fallback_counter  # the job's named counter of row-by-row fallbacks
+        self._replica_counter = replica_counter  # the job's named counter of replicas restarted (a rank lost)
+        self._groups: ReplicaGroups | None = None
+
+    def replica_groups(self) -> ReplicaGroups | None:
+        """The placement groups of the pool's replicas (execution.tensor_parallel > 1), else None; created
+        on demand, one per actor Ray Data starts. `release()` removes them (else the driver's end does)."""
+        if self._groups is None and self.cfg.execution.tensor_parallel > 1:
+            res = self.resources()
+            self._groups = ReplicaGroups(self.cfg.execution.tensor_parallel, res.cpus, res.gpus)
+        return self._groups
+
+    def release(self) -> None:
+        """Give back the replicas' placement groups (their rank actors end with them)."""
+        if self._groups is not None:
+            self._groups.release()
 
     def resources(self) -> Any:
         """Per-actor resources: given by the job, else decided from the cluster Ray Data runs on."""
@@ -222,6 +243,7 @@ class DecodeStage:
             cluster = {k: float(v) for k, v in ray.cluster_resources().items()}
             alive = nodes.alive_nodes(nodes.nodes_now())
             self._resources = resolve_resources(self.cfg, cluster, nodes.largest_cpus(alive))
+            check_replica_fits(self.cfg, self._resources, alive)
         return self._resources
 
     def actor_spec(self) -> ActorSpec:
@@ -234,7 +256,17 @@ class DecodeStage:
                          prompt_column=cfg.prompt_column, messages_column=cfg.messages_column,
                          chat_template=self.plan.chat_template, id_column=cfg.id_column, threads=res.threads, allow_pickle=cfg.model.allow_pickle,
                          trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision,
-                         drop_columns=self._drop, fallback_counter=self._fallback_counter)
+                         drop_columns=self._drop, fallback_counter=self._fallback_counter,
+                         replica=self.replica_spec())
+
+    def replica_spec(self) -> ReplicaSpec | None:
+        """Rank 0's instructions for its replica; None at tensor_parallel 1."""
+        ex, res = self.cfg.execution, self.resources()
+        if ex.tensor_parallel == 1:
+            return None
+        return ReplicaSpec(size=ex.tensor_parallel, cpus=res.cpus, gpus=res.gpus,
+                           start_timeout_s=ex.actor_start_timeout_s, timeout_s=ex.rank_timeout_s,
+                           counter=self._replica_counter)
 
     def __call__(self, ds: Any) -> Any:
         """(ids) -> blocks of rows_per_block -> the actor pool; lazy, like any Dataset transform."""
@@ -252,9 +284,14 @@ class DecodeStage:
                                   "max_task_retries": ex.max_task_retries}
         if res.gpus:
             remote["num_gpus"] = res.gpus
+        groups = self.replica_groups()
+        if groups is not None:  # each actor is rank 0 of a replica, in bundle 0 of a group of its own
+            remote["ray_remote_args_fn"] = groups.strategy
         with warnings.catch_warnings():
-            # max_restarts/max_task_retries have no named parameter in Ray 2.60 (only ray_remote_args)
+            # max_restarts/max_task_retries have no named parameter in Ray 2.60 (only ray_remote_args), and
+            # ray_remote_args_fn, the one way to give each actor its own placement group, warns it is deprecated
             warnings.filterwarnings("ignore", message=".*ray_remote_args. is deprecated")
+            warnings.filterwarnings("ignore", message=".*ray_remote_args_fn. is deprecated")
             return ds.map_batches(GenerateActor, fn_constructor_kwargs={"spec": self.actor_spec()},
                                   batch_size=ex.batch_size, batch_format="pyarrow",
                                   compute=ray.data.ActorPoolStrategy(size=ex.actors), **remote)

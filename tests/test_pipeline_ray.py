@@ -208,9 +208,9 @@ def test_a_gpu_request_on_a_cluster_without_gpus_fails_within_the_wait(ray_local
 def test_fallbacks_reach_the_runs_named_counter(ray_local, tiny_model_dir, task_rows):
     from pipeline.actor import ActorSpec, GenerateActor
     from prophet.config import DecodeConfig
-    from pipeline.run import start_fallback_counter
+    from pipeline.run import start_counters
 
-    counter = start_fallback_counter("t-fallback")
+    counter = start_counters("t-fallback", replicas=False)["batch_fallbacks"]
     spec = ActorSpec(model_dir=str(tiny_model_dir), dtype="fp32", engine="torch", device="cpu",
                      decode=DecodeConfig(gen_length=8, steps=8).to_dict(), seed=0, settings_hash="h",
                      prompt_column="prompt", fallback_counter="prophet-fallbacks-t-fallback")

@@ -17,12 +17,12 @@ import threading
 import time
 from pathlib import Path
 
-import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tiny_support import actor_processes
 
 from pipeline import output
 from pipeline.actor import GenerateActor
@@ -68,15 +68,8 @@ def assert_every_id_once(out: Path, n: int, name: str) -> pa.Table:
 
 
 def actor_pids() -> list[int]:
-    """PIDs of live GenerateActor processes (Ray names the worker process after the actor class)."""
-    found = []
-    for p in psutil.process_iter(["cmdline", "status"]):
-        try:
-            if "GenerateActor" in " ".join(p.info["cmdline"] or []) and p.info["status"] != psutil.STATUS_ZOMBIE:
-                found.append(p.pid)
-        except psutil.Error:
-            continue
-    return sorted(found)
+    """PIDs of live GenerateActor processes."""
+    return actor_processes("GenerateActor")
 
 
 def pool_actors() -> dict[str, dict]:

@@ -1,4 +1,4 @@
-"""Helpers shared by the tiny-model test modules (test_train_tiny, test_evaluate)."""
+"""Helpers shared by test modules (tiny-model jobs, one thread, processes of Ray actors)."""
 from __future__ import annotations
 
 import importlib.util
@@ -28,3 +28,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def actor_processes(actor_class: str) -> list[int]:
+    """PIDs of live processes of a Ray actor class (Ray names a worker process after its actor's class)."""
+    import psutil
+
+    found = []
+    for p in psutil.process_iter(["cmdline", "status"]):
+        try:
+            if actor_class in " ".join(p.info["cmdline"] or []) and p.info["status"] != psutil.STATUS_ZOMBIE:
+                found.append(p.pid)
+        except psutil.Error:
+            continue
+    return sorted(found)

@@ -1,0 +1,359 @@
+"""A replica of N ranks: one model sharded over N Ray actors on one node (execution.tensor_parallel).
+
+Ray Data's actor pool knows one actor per replica, rank 0 (`pipeline.actor.GenerateActor`). With
+tensor_parallel N > 1 the driver reserves, per pool actor, a placement group of N bundles packed on
+one node (`ReplicaGroups`, what `ray.data.llm` does for a vLLM engine's workers); rank 0 runs in
+bundle 0 and starts ranks 1..N-1 (`RankActor`) in the others. Rank 0 hosts the process group's
+store on its node's address; every rank joins (gloo on CPU, NCCL on GPUs), loads the model and
+hands it to DeepSpeed (`pipeline.parallel`), which shards it over the group.
+
+Lockstep (`Replica.decode`): rank 0 sends each batch's prompt ids and seeds to the other ranks, runs
+the same `prophet.decode.decode` itself (the collectives inside the forward keep the ranks in step,
+and every rank sees the same logits, so every rank makes the same choices), then checks that every
+rank produced the same tokens. The decode loop knows nothing of this.
+
+A lost rank (killed, or silent past execution.rank_timeout_s) loses the replica: the process group cannot be
+repaired. Rank 0 records why in the run's named `RestartCounter` and exits its process; Ray restarts
+it (execution.max_restarts), its ranks die with it (Ray actors share their owner's fate), the
+restarted rank 0 starts fresh ones, and Ray Data retries the batch (execution.max_task_retries).
+Nothing of that batch was written, so nothing is written twice.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    from pipeline.actor import ActorSpec
+
+
+@dataclass(frozen=True)
+class ReplicaSpec:
+    """What rank 0 needs to build its replica (ActorSpec.replica; None = tensor_parallel 1)."""
+
+    size: int                        # ranks (execution.tensor_parallel)
+    cpus: float                      # per rank
+    gpus: float                      # per rank
+    start_timeout_s: float           # for the other ranks to be scheduled and load the model
+    timeout_s: float = 300           # a rank's wait for the others in one collective (execution.rank_timeout_s)
+    counter: str | None = None       # name of the run's RestartCounter Ray actor, where there is one
+
+
+def head_counts(config: Any) -> tuple[int, int]:
+    """(attention heads, KV heads) of a native family's config (LLaDA's names, else transformers')."""
+    heads = getattr(config, "n_heads", None) or config.num_attention_heads
+    kv = getattr(config, "n_kv_heads", None) or getattr(config, "num_key_value_heads", None) or heads
+    return int(heads), int(kv)
+
+
+def check_tensor_parallel(cfg: Any) -> None:
+    """Refuse a tensor_parallel the model or the engine cannot take (config.json read, no weights);
+    JobConfigError names the field and the fix. `cfg`: a JobConfig or a StageConfig."""
+    from pathlib import Path
+
+    from pipeline.config import JobConfigError
+    from prophet.models import ModelLoadError
+    from prophet.models.loading import native_family, read_config
+
+    ex, tp = cfg.execution, cfg.execution.tensor_parallel
+    if tp == 1:
+        return
+    if cfg.model.engine != "deepspeed":
+        raise JobConfigError(f"model.engine: '{cfg.model.engine}' with execution.tensor_parallel {tp}: DeepSpeed "
+                             "shards the model over the ranks; set model.engine: deepspeed, or tensor_parallel: 1")
+    if ex.gpus_per_actor and ex.gpus_per_actor != int(ex.gpus_per_actor):
+        raise JobConfigError(f"execution.gpus_per_actor: {ex.gpus_per_actor:g} with execution.tensor_parallel {tp}: "
+                             "each rank needs whole GPUs of its own (NCCL takes one device per rank); set "
+                             "gpus_per_actor: 1")
+    if "://" in cfg.model.dir:
+        return  # read by the actors; a model they cannot shard fails there
+    try:
+        raw = read_config(Path(cfg.model.dir))
+        family = native_family(raw)
+        config = family[0].from_dict(raw) if family else None
+    except ModelLoadError as e:
+        raise JobConfigError(f"model.dir: {e}") from None
+    if config is None:
+        raise JobConfigError(f"execution.tensor_parallel: {tp}, but {cfg.model.dir} is a transformers masked LM, "
+                             "which DeepSpeed cannot shard here (only the native families: LLaDA, Dream, LLaDA2, "
+                             "SDAR, ...); set execution.tensor_parallel: 1 and add replicas with execution.actors")
+    heads, kv = head_counts(config)
+    if heads % tp or kv % tp:
+        fits = [n for n in range(2, kv + 1) if heads % n == 0 and kv % n == 0]
+        fix = f"one of {fits}" if fits else "1 (no larger size divides both)"
+        raise JobConfigError(f"execution.tensor_parallel: {tp} does not divide the model's {heads} attention heads "
+                             f"and {kv} KV heads (config.json; each rank holds whole heads): set it to {fix}")
+
+
+class ReplicaLost(RuntimeError):
+    """A rank of the replica died or hung: its process group cannot go on, the replica restarts."""
+
+
+class RestartCounter:
+    """Counts replicas that lost a rank and restarted, with the first reason (a named Ray actor per run,
+    like pipeline.actor.FallbackCounter; plain class: the driver wraps it with `ray.remote`)."""
+
+    def __init__(self) -> None:
+        self.restarts = 0
+        self.first_reason: str | None = None
+
+    def record(self, reason: str) -> None:
+        """One replica restarted, for `reason`."""
+        self.restarts += 1
+        if self.first_reason is None:
+            self.first_reason = reason
+
+    def report(self) -> dict:
+        """{'restarts', 'first_reason'}: the summary's and the manifest's replica_restarts."""
+        return {"restarts": self.restarts, "first_reason": self.first_reason}
+
+
+def rank_bundle(cpus: float, gpus: float) -> dict[str, float]:
+    """One rank's share of a replica's placement group."""
+    return {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
+
+
+class ReplicaGroups:
+    """The driver's placement groups, one per pool actor, each N rank bundles packed on one node.
+
+    `strategy()` is the `ray_remote_args_fn` of the decode stage's map_batches: Ray Data calls it once
+    per actor it starts, and each actor gets a group of its own (a restarted actor keeps its group).
+    """
+
+    def __init__(self, tp: int, cpus: float, gpus: float) -> None:
+        self.bundles = [rank_bundle(cpus, gpus)] * tp
+        self.groups: list[Any] = []
+        self.handed_out = 0
+
+    def __deepcopy__(self, memo: dict) -> "ReplicaGroups":
+        # Ray Data may copy its plan's arguments: every copy must hand out (and release) the same groups
+        return self
+
+    def reserve(self, count: int, timeout_s: float) -> bool:
+        """Create `count` groups and wait until the cluster holds them all; False past timeout_s."""
+        import ray
+        from ray.util.placement_group import placement_group
+
+        while len(self.groups) < count:
+            self.groups.append(placement_group(self.bundles, strategy="STRICT_PACK"))
+        ready = [g.ready() for g in self.groups]
+        done, _ = ray.wait(ready, num_returns=len(ready), timeout=timeout_s)
+        return len(done) == len(ready)
+
+    def strategy(self) -> dict:
+        """Remote args that put the next actor into bundle 0 of a group of its own."""
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        if self.handed_out == len(self.groups):
+            self.groups.append(placement_group(self.bundles, strategy="STRICT_PACK"))
+        group = self.groups[self.handed_out]
+        self.handed_out += 1
+        return {"scheduling_strategy": PlacementGroupSchedulingStrategy(
+            group, placement_group_bundle_index=0, placement_group_capture_child_tasks=True)}
+
+    def release(self) -> None:
+        """Remove every group (their actors end with them); the run calls this whatever happened."""
+        from ray.util.placement_group import remove_placement_group
+
+        for group in self.groups:
+            try:
+                remove_placement_group(group)
+            except Exception:
+                pass  # already gone with the cluster
+        self.groups, self.handed_out = [], 0
+
+
+def join_group(rank: int, rep: ReplicaSpec, address: str, port: int, device: str, store: Any = None) -> None:
+    """Join the replica's torch.distributed group through rank 0's store (rank 0 passes its own store)."""
+    import torch.distributed as dist
+
+    world, timeout = rep.size, timedelta(seconds=rep.timeout_s)
+    if store is None:
+        store = dist.TCPStore(address, port, world, is_master=False, timeout=timeout)
+    # DeepSpeed reads these where it looks for a launcher; LOCAL_RANK 0: Ray shows each rank its one GPU
+    os.environ.update(MASTER_ADDR=address, MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK="0")
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", store=store, rank=rank, world_size=world,
+                            timeout=timeout)
+    # DeepSpeed shards over a group of its own, made with torch's default timeout (30 min for gloo);
+    # handing it one made here bounds how long a rank waits for a peer that hangs. It then skips its own
+    # communication set-up, which is done here (over the group above, its CPU shared-memory path off).
+    import deepspeed.comm
+    from deepspeed.inference.engine import InferenceEngine
+
+    from pipeline.parallel import disable_shm_allreduce
+
+    disable_shm_allreduce()
+    deepspeed.comm.init_distributed(verbose=False)
+    InferenceEngine.inference_mp_group = dist.new_group(list(range(world)), timeout=timeout)
+
+
+class RankActor:
+    """Rank 1..N-1 of a replica: the model loaded, sharded with rank 0's group, decoding what rank 0 sends."""
+
+    def __init__(self, spec: ActorSpec, rank: int) -> None:
+        from pipeline.actor import load_engine
+
+        self.spec, self.rank = spec, rank
+        self.model, self.config, self.dtype = load_engine(spec)
+
+    def ready(self) -> bool:
+        """True once the model is loaded (Ray runs this after __init__)."""
+        return True
+
+    def join(self, address: str, port: int) -> int:
+        """Join the process group and shard the model (every rank at once); returns the rank's parameter count."""
+        from pipeline.actor import wrap_with_deepspeed
+
+        join_group(self.rank, self.spec.replica, address, port, self.spec.device)
+        self.model.module = wrap_with_deepspeed(self.model.module, self.dtype, self.spec.replica.size)
+        return sum(p.numel() for p in self.model.module.parameters())
+
+    def decode(self, prompts: list[list[int]], seeds: list[int]) -> tuple[list, list]:
+        """The same decode as rank 0's; (tokens, num_generated) for rank 0 to compare."""
+        from prophet.decode import decode
+
+        res = decode(self.model, prompts, self.config, seeds=seeds)
+        return res.tokens.tolist(), res.num_generated.tolist()
+
+
+def exit_process(reason: str) -> None:
+    """Leave now (no cleanup: the process group is broken), so that Ray restarts the actor."""
+    print(f"prophet-dlm: replica lost, restarting: {reason}", file=sys.stderr, flush=True)
+    os._exit(1)
+
+
+class Replica:
+    """Rank 0's side of a replica: starts ranks 1..N-1 in its placement group and decodes in lockstep."""
+
+    def __init__(self, spec: ActorSpec, model: Any, config: Any, dtype: Any,
+                 on_loss: Callable[[str], None] = exit_process) -> None:
+        self.spec, self.model, self.config, self.on_loss = spec, model, config, on_loss
+        try:
+            # params: the parameters each rank holds after sharding, rank 0 first (about 1/N of the model's each)
+            self.ranks, self.params = self._start(dtype)
+        except ReplicaLost as e:
+            self._lost(e)
+
+    def _start(self, dtype: Any) -> tuple[list[Any], list[int]]:
+        """Start the other ranks, wait until they hold the model, then join the group all at once and shard."""
+        import ray
+        import torch.distributed as dist
+        from ray.util import get_current_placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from pipeline.actor import wrap_with_deepspeed
+
+        spec, rep = self.spec, self.spec.replica
+        tp = rep.size
+        group = get_current_placement_group()
+        if group is None:
+            raise RuntimeError(f"tensor_parallel {tp}: rank 0 runs outside a placement group; the decode stage "
+                               "reserves one per actor (pipeline.replica.ReplicaGroups)")
+        remote = ray.remote(RankActor)
+        gpus = {"num_gpus": rep.gpus} if rep.gpus else {}
+        ranks = [remote.options(num_cpus=rep.cpus, **gpus, max_restarts=0, max_task_retries=0,
+                                scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=r))
+                 .remote(spec, r) for r in range(1, tp)]
+        self._wait([r.ready.remote() for r in ranks], rep.start_timeout_s, "start")
+        address = ray.util.get_node_ip_address()
+        store = dist.TCPStore(address, 0, tp, is_master=True, timeout=timedelta(seconds=rep.timeout_s),
+                              wait_for_workers=False)
+        joined = [r.join.remote(address, store.port) for r in ranks]
+        try:
+            join_group(0, rep, address, store.port, spec.device, store)
+            self.model.module = wrap_with_deepspeed(self.model.module, dtype, tp)
+        except Exception:
+            self._wait(joined, rep.timeout_s, "join")  # a rank lost on the way is the reason (ReplicaLost)
+            raise
+        mine = sum(p.numel() for p in self.model.module.parameters())
+        return ranks, [mine, *self._wait(joined, rep.timeout_s, "join")]
+
+    def _wait(self, refs: list[Any], timeout_s: float, what: str) -> list[Any]:
+        """The ranks' answers; ReplicaLost for a rank that died or did not answer within timeout_s.
+        A rank's own exception comes back as the exception (rank 0 decides what it means)."""
+        import ray
+        from ray.exceptions import RayActorError, RayTaskError
+
+        done, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        answers: list[Any] = []
+        for rank, ref in enumerate(refs, start=1):
+            if ref not in done:
+                raise ReplicaLost(f"rank {rank} did not {what} within {timeout_s:g}s")
+            try:
+                answers.append(ray.get(ref))
+            except RayActorError as e:
+                raise ReplicaLost(f"rank {rank} died during {what}: {_first_line(e)}") from None
+            except RayTaskError as e:
+                if what != "decode":
+                    raise ReplicaLost(f"rank {rank} failed to {what}: {_first_line(e)}") from None
+                answers.append(e)
+        return answers
+
+    def decode(self, prompts: list[list[int]], seeds: list[int]) -> Any:
+        """prophet.decode.decode on every rank at once; rank 0's result, once every rank agrees with it.
+
+        Every rank raising is the rows' doing (the caller isolates the bad row, still in lockstep);
+        a rank lost, or ranks out of step (one raised, another did not), ends the replica."""
+        try:
+            return self._decode(prompts, seeds)
+        except ReplicaLost as e:
+            self._lost(e)
+            raise  # only where on_loss returns (tests)
+
+    def _decode(self, prompts: list[list[int]], seeds: list[int]) -> Any:
+        from prophet.decode import decode
+
+        refs = [r.decode.remote(prompts, seeds) for r in self.ranks]
+        mine: Any
+        try:
+            mine = decode(self.model, prompts, self.config, seeds=seeds)
+        except Exception as e:  # a collective's error on a lost peer lands here too: the ranks' answers tell
+            mine = e
+        return settle(mine, self._wait(refs, self.spec.replica.timeout_s, "decode"))
+
+    def _lost(self, e: ReplicaLost) -> None:
+        """Record the loss in the run's counter, then hand over to on_loss (which exits the process)."""
+        reason = str(e).splitlines()[0][:500]
+        if self.spec.replica.counter:
+            try:
+                import ray
+
+                ray.get(ray.get_actor(self.spec.replica.counter).record.remote(reason), timeout=10)
+            except Exception:
+                pass  # the count is a report; losing it must not keep the replica from restarting
+        self.on_loss(reason)
+
+
+def settle(mine: Any, theirs: list[Any]) -> Any:
+    """Rank 0's decode result once the other ranks' answers ((tokens, num_generated) lists, or the exception
+    a rank raised) agree with it; `mine` is rank 0's DecodeResult or exception.
+
+    Every rank raising is the rows' doing: rank 0's exception is raised (the caller isolates the bad row,
+    still in lockstep). Some raising and some not: the ranks are out of step (ReplicaLost). Tokens that
+    differ: RuntimeError (the sharded forward is not deterministic across ranks)."""
+    failed = [isinstance(a, BaseException) for a in [mine, *theirs]]
+    if all(failed):
+        raise mine
+    if any(failed):
+        rank = failed.index(True)
+        raise ReplicaLost(f"ranks out of step: rank {rank} raised "
+                          f"{_first_line(mine if rank == 0 else theirs[rank - 1])}")
+    expected = (mine.tokens.tolist(), mine.num_generated.tolist())
+    for rank, answer in enumerate(theirs, start=1):
+        if tuple(answer) != expected:
+            raise RuntimeError(f"tensor parallel ranks disagree: rank {rank}'s tokens differ from rank 0's "
+                               "(the sharded forward is not deterministic across ranks)")
+    return mine
+
+
+def _first_line(e: BaseException) -> str:
+    """'Type: first line' of an error; a rank's own exception rather than Ray's wrapper around it."""
+    cause = getattr(e, "cause", None)
+    e = cause if isinstance(cause, BaseException) else e
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:300] if text else ''}"
