@@ -79,12 +79,15 @@ def row_seed(seed: int, row_id: str) -> int:
     return int.from_bytes(digest[:8], "big") & (2**63 - 1)
 
 
-def wrap_with_deepspeed(module: Any, dtype: Any, tp_size: int = 1) -> Any:
-    """The one place DeepSpeed wraps the model: an inference engine around `module` (no kernel
-    injection), sharded over the replica's process group where tp_size > 1 (pipeline.parallel)."""
+def wrap_with_deepspeed(model: Any, dtype: Any, tp_size: int = 1) -> None:
+    """The one place DeepSpeed wraps the model: `model.module` becomes an inference engine around it (no
+    kernel injection), sharded over the replica's process group where tp_size > 1 (pipeline.parallel).
+    DeepSpeed moves the engine to its device (a replica's ranks load on the host: see load_engine), so
+    the model's device is read back from it."""
     from pipeline.parallel import shard_with_deepspeed
 
-    return shard_with_deepspeed(module, dtype, tp_size)
+    model.module = shard_with_deepspeed(model.module, dtype, tp_size)
+    model.device = next(model.module.parameters()).device
 
 
 @dataclass
@@ -161,7 +164,10 @@ def load_engine(spec: ActorSpec) -> tuple[Any, Any, Any]:
 
     torch.set_num_threads(spec.threads)
     dtype = getattr(torch, DTYPES[spec.dtype])
-    model = load_model(spec.model_dir, device=spec.device, dtype=dtype, allow_pickle=spec.allow_pickle,
+    # A rank of a replica reads the checkpoint into host memory and DeepSpeed moves only its shard to its
+    # GPU: a model larger than one GPU (what tensor parallelism is for) never sits whole on one.
+    device = "cpu" if spec.replica is not None else spec.device
+    model = load_model(spec.model_dir, device=device, dtype=dtype, allow_pickle=spec.allow_pickle,
                        trust_remote_code=spec.trust_remote_code, revision=spec.revision)
     return model, decode_config_from_dict(spec.decode), dtype
 
@@ -181,7 +187,7 @@ class GenerateActor:
 
             self.replica = Replica(spec, self.model, self.config, dtype)
         elif spec.engine == "deepspeed":
-            self.model.module = wrap_with_deepspeed(self.model.module, dtype)
+            wrap_with_deepspeed(self.model, dtype)
         self.max_prompt = self.model.max_length - self.config.gen_length
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
         self.fallbacks = FallbackCounter()  # this actor's own count; the run's is spec.fallback_counter

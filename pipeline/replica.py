@@ -210,7 +210,7 @@ class RankActor:
         from pipeline.actor import wrap_with_deepspeed
 
         join_group(self.rank, self.spec.replica, address, port, self.spec.device)
-        self.model.module = wrap_with_deepspeed(self.model.module, self.dtype, self.spec.replica.size)
+        wrap_with_deepspeed(self.model, self.dtype, self.spec.replica.size)
         return sum(p.numel() for p in self.model.module.parameters())
 
     def decode(self, prompts: list[list[int]], seeds: list[int]) -> tuple[list, list]:
@@ -266,7 +266,7 @@ class Replica:
         joined = [r.join.remote(address, store.port) for r in ranks]
         try:
             join_group(0, rep, address, store.port, spec.device, store)
-            self.model.module = wrap_with_deepspeed(self.model.module, dtype, tp)
+            wrap_with_deepspeed(self.model, dtype, tp)
         except Exception:
             self._wait(joined, rep.timeout_s, "join")  # a rank lost on the way is the reason (ReplicaLost)
             raise

@@ -44,18 +44,27 @@ def resolve_resources(cfg: StageConfig | JobConfig, cluster: dict, node_cpus: fl
     return Resources(cpus=cpus, gpus=ex.gpus_per_actor, threads=max(1, round(cpus)))
 
 
-def check_replica_fits(cfg: StageConfig | JobConfig, res: Resources, alive: dict[str, dict]) -> None:
+def check_replica_fits(cfg: StageConfig | JobConfig, res: Resources, alive: dict[str, dict],
+                       can_grow: bool = False) -> str | None:
     """Refuse a replica of tensor_parallel ranks that no alive node (`pipeline.nodes.alive_nodes`) can hold:
-    its ranks share one node (their collectives run every layer)."""
+    its ranks share one node (their collectives run every layer).
+
+    can_grow: the cluster may add nodes (one the run joined, which an autoscaler may serve: cluster.yaml
+    starts its GPU nodes on demand). Then nothing is refused; the message comes back for the log, and the
+    placement groups' wait (actor_start_timeout_s) decides. None = a node holds a replica."""
     tp = cfg.execution.tensor_parallel
     if tp == 1 or not alive:
-        return
+        return None
     need = {"CPU": tp * res.cpus, "GPU": tp * res.gpus}
     if any(all(n["Resources"].get(k, 0.0) >= v - 1e-9 for k, v in need.items()) for n in alive.values()):
-        return
+        return None
     most = {k: max(n["Resources"].get(k, 0.0) for n in alive.values()) for k in need}
     field = "gpus_per_actor" if most["GPU"] < need["GPU"] else "cpus_per_actor"
-    raise JobConfigError(f"execution.tensor_parallel: a replica of {tp} ranks x {res.gpus:g} GPU(s) and {res.cpus:g} "
-                         f"CPU(s) needs {need['GPU']:g} GPU(s) and {need['CPU']:g} CPU(s) on one node; no node of the "
-                         f"cluster has that (at most {most['GPU']:g} GPU(s), {most['CPU']:g} CPU(s)): lower tensor_parallel or "
-                         f"execution.{field}, or add a node that holds a whole replica")
+    lacks = (f"a replica of {tp} ranks x {res.gpus:g} GPU(s) and {res.cpus:g} CPU(s) needs {need['GPU']:g} GPU(s) and "
+             f"{need['CPU']:g} CPU(s) on one node; no node up now has that (at most {most['GPU']:g} GPU(s), "
+             f"{most['CPU']:g} CPU(s))")
+    if can_grow:
+        return (f"{lacks}: waiting up to execution.actor_start_timeout_s={cfg.execution.actor_start_timeout_s}s "
+                "for the cluster to add one")
+    raise JobConfigError(f"execution.tensor_parallel: {lacks}: lower tensor_parallel or execution.{field}, or run on "
+                         "a cluster with a node that holds a whole replica")

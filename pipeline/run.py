@@ -519,11 +519,13 @@ def _decode_all(plan: Plan, done: Any, run_id: str, t0: float, old: dict | None,
         cluster = {k: float(v) for k, v in ray.cluster_resources().items()}
         alive_at_start = nodes.alive_nodes(ray.nodes())  # to size actors, and to name a node lost mid-job
         res = resolve_resources(cfg, cluster, nodes.largest_cpus(alive_at_start))
-        check_replica_fits(cfg, res, alive_at_start)
+        waiting = check_replica_fits(cfg, res, alive_at_start, can_grow=not started)
         log(f"Ray {'started' if started else 'joined'} at {time.time() - t0:.1f}s: {cluster.get('CPU', 0):g} CPUs, "
             f"{cluster.get('GPU', 0):g} GPUs; {cfg.execution.actors} actors x "
             + (f"{cfg.execution.tensor_parallel} ranks x " if cfg.execution.tensor_parallel > 1 else "")
             + f"{res.cpus:g} CPU, {res.gpus:g} GPU")
+        if waiting:
+            log(waiting)
         manifest = _manifest(plan, old, run_id, t0, cluster, res)
         output.write_manifest(out, manifest)
         configure_data_context(cfg)

@@ -20,6 +20,7 @@ prompts share an id and a seed: give `id_column` to tell them apart).
 from __future__ import annotations
 
 import hashlib
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -238,12 +239,16 @@ class DecodeStage:
 
             from pipeline import nodes
 
+            # a Ray started here is local and cannot grow; one joined (RAY_ADDRESS, or the caller's) may
+            local = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
             if not ray.is_initialized():
                 ray.init()  # what Ray Data does on first use: a local Ray, or RAY_ADDRESS's cluster
             cluster = {k: float(v) for k, v in ray.cluster_resources().items()}
             alive = nodes.alive_nodes(nodes.nodes_now())
             self._resources = resolve_resources(self.cfg, cluster, nodes.largest_cpus(alive))
-            check_replica_fits(self.cfg, self._resources, alive)
+            waiting = check_replica_fits(self.cfg, self._resources, alive, can_grow=not local)
+            if waiting:
+                warnings.warn(waiting, stacklevel=2)
         return self._resources
 
     def actor_spec(self) -> ActorSpec:

@@ -284,7 +284,10 @@ def test_a_replica_no_node_can_hold_is_refused_naming_what_to_lower():
     with pytest.raises(JobConfigError, match=r"replica of 4 ranks x 1 GPU\(s\).* needs 4 GPU\(s\).*at most 2 "
                                              r"GPU\(s\), 16 CPU\(s\).*execution.gpus_per_actor"):
         check_replica_fits(four, Resources(cpus=1, gpus=1, threads=1), alive)
-    check_replica_fits(stage("tiny-llada", 2, **{"execution.gpus_per_actor": 1}), Resources(1, 1, 1), alive)
+    # a cluster the run joined may grow (cluster.yaml's GPU nodes come on demand): said, and left to the wait
+    said = check_replica_fits(four, Resources(cpus=1, gpus=1, threads=1), alive, can_grow=True)
+    assert said and "needs 4 GPU(s)" in said and "waiting up to execution.actor_start_timeout_s" in said
+    assert check_replica_fits(stage("tiny-llada", 2, **{"execution.gpus_per_actor": 1}), Resources(1, 1, 1), alive) is None
     with pytest.raises(JobConfigError, match=r"needs 0 GPU\(s\) and 12 CPU\(s\).*execution.cpus_per_actor"):
         check_replica_fits(stage("tiny-llada", 4), Resources(cpus=3, gpus=0, threads=3), {"c": node(8)})
 
