@@ -42,13 +42,6 @@ class ReplicaSpec:
     counter: str | None = None       # name of the run's RestartCounter Ray actor, where there is one
 
 
-def head_counts(config: Any) -> tuple[int, int]:
-    """(attention heads, KV heads) of a native family's config (LLaDA's names, else transformers')."""
-    heads = getattr(config, "n_heads", None) or config.num_attention_heads
-    kv = getattr(config, "n_kv_heads", None) or getattr(config, "num_key_value_heads", None) or heads
-    return int(heads), int(kv)
-
-
 def check_tensor_parallel(cfg: Any) -> None:
     """Refuse a tensor_parallel the model or the engine cannot take (config.json read, no weights);
     JobConfigError names the field and the fix. `cfg`: a JobConfig or a StageConfig."""
@@ -80,7 +73,7 @@ def check_tensor_parallel(cfg: Any) -> None:
         raise JobConfigError(f"execution.tensor_parallel: {tp}, but {cfg.model.dir} is a transformers masked LM, "
                              "which DeepSpeed cannot shard here (only the native families: LLaDA, Dream, LLaDA2, "
                              "SDAR, ...); set execution.tensor_parallel: 1 and add replicas with execution.actors")
-    heads, kv = head_counts(config)
+    heads, kv = config.head_counts
     if heads % tp or kv % tp:
         fits = [n for n in range(2, kv + 1) if heads % n == 0 and kv % n == 0]
         fix = f"one of {fits}" if fits else "1 (no larger size divides both)"

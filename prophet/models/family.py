@@ -105,7 +105,7 @@ def check_token_ids(config: Any, given: dict) -> None:
 
 
 class TransformersSizes:
-    """logit_width and max_length of a config in transformers' key names (Dream, LLaDA2)."""
+    """logit_width, max_length and head_counts of a config in transformers' key names (Dream, LLaDA2, SDAR, ...)."""
 
     vocab_size: int
     max_position_embeddings: int
@@ -120,6 +120,11 @@ class TransformersSizes:
         """Longest prompt + generation: max_position_embeddings. A config.json "max_length" is a
         generation default of transformers (e.g. 20), never the context, so it is not read."""
         return self.max_position_embeddings
+
+    @property
+    def head_counts(self) -> tuple[int, int]:
+        """(attention heads, KV heads): what a tensor-parallel size must divide."""
+        return int(self.num_attention_heads), int(self.num_key_value_heads)  # type: ignore[attr-defined]
 
 
 def check_heads(width: int, n_heads: int, n_kv_heads: int) -> None:

@@ -76,6 +76,11 @@ class LLaDAConfig(FamilyConfig):
         """Longest sequence the model accepts."""
         return self.max_sequence_length
 
+    @property
+    def head_counts(self) -> tuple[int, int]:
+        """(attention heads, KV heads): what a tensor-parallel size must divide."""
+        return self.n_heads, int(self.n_kv_heads)  # type: ignore[arg-type]
+
 
 class LLaDABlock(nn.Module):
     """Pre-norm bidirectional attention + SwiGLU, OLMo's 'llama' block with LLaDA's names."""
