@@ -181,7 +181,7 @@ class ExecutionConfig(_Section):
                                 "their skew, not a decode's length); past it the replica counts as lost and "
                                 "restarts, and its batch is retried.")
     gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per actor (0 = CPU); per rank "
-                                  "where tensor_parallel > 1 (whole GPUs then). A request the cluster cannot "
+                                  "where tensor_parallel > 1 (exactly 1 then). A request the cluster cannot "
                                   "meet fails after actor_start_timeout_s.")
     cpus_per_actor: Optional[float] = Field(None, gt=0, description="Logical CPUs per actor, per rank "
                                             "where tensor_parallel > 1 (fractions allowed). Unset: 1 with GPUs; on CPU, the cluster's CPUs "

@@ -70,18 +70,33 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def init_rank(rank: int, world: int, addr: str, port: int, backend: str = "gloo", timeout_s: float = 300.0) -> None:
-    """Join the process group of `world` ranks that meets at addr:port. The variables DeepSpeed reads
-    are set too, so that its communication backend finds the group instead of launching its own."""
+def init_rank(rank: int, world: int, addr: str, port: int, backend: str = "gloo", timeout_s: float = 300.0,
+              store: Any = None, local_rank: int | None = None) -> None:
+    """Join the process group of `world` ranks that meets at addr:port (through `store` where the caller
+    hosts it: rank 0 of a replica), and set DeepSpeed up on it.
+
+    DeepSpeed would otherwise shard over a group of its own, made with torch's default timeout (30 min
+    for gloo); handing it one made here bounds how long a rank waits for a peer that hangs, and its own
+    communication set-up then runs over this group, its CPU shared-memory path off. The variables
+    DeepSpeed reads where it looks for a launcher are set too; local_rank: the device index it takes
+    (default the rank; 0 in a Ray actor, which sees its one GPU only)."""
     import datetime
     import os
 
     import torch.distributed as dist
 
+    timeout = datetime.timedelta(seconds=timeout_s)
     os.environ.update(MASTER_ADDR=addr, MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=timeout_s))
+                      LOCAL_RANK=str(rank if local_rank is None else local_rank))
+    if store is None:
+        store = dist.TCPStore(addr, port, world, is_master=rank == 0, timeout=timeout)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+    import deepspeed.comm
+    from deepspeed.inference.engine import InferenceEngine
+
+    disable_shm_allreduce()
+    deepspeed.comm.init_distributed(verbose=False)
+    InferenceEngine.inference_mp_group = dist.new_group(list(range(world)), timeout=timeout)
 
 
 def _local_rank(rank: int, world: int, port: int, threads: int, backend: str, fn: Any, args: tuple,

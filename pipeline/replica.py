@@ -57,10 +57,10 @@ def check_tensor_parallel(cfg: Any) -> None:
     if cfg.model.engine != "deepspeed":
         raise JobConfigError(f"model.engine: '{cfg.model.engine}' with execution.tensor_parallel {tp}: DeepSpeed "
                              "shards the model over the ranks; set model.engine: deepspeed, or tensor_parallel: 1")
-    if ex.gpus_per_actor and ex.gpus_per_actor != int(ex.gpus_per_actor):
+    if ex.gpus_per_actor and ex.gpus_per_actor != 1:
         raise JobConfigError(f"execution.gpus_per_actor: {ex.gpus_per_actor:g} with execution.tensor_parallel {tp}: "
-                             "each rank needs whole GPUs of its own (NCCL takes one device per rank); set "
-                             "gpus_per_actor: 1")
+                             "each rank drives exactly one GPU of its own (NCCL takes one device per rank; more "
+                             "would sit idle); set gpus_per_actor: 1 and tensor_parallel to the GPUs per replica")
     if "://" in cfg.model.dir:
         return  # read by the actors; a model they cannot shard fails there
     try:
@@ -74,6 +74,11 @@ def check_tensor_parallel(cfg: Any) -> None:
                              "which DeepSpeed cannot shard here (only the native families: LLaDA, Dream, LLaDA2, "
                              "SDAR, ...); set execution.tensor_parallel: 1 and add replicas with execution.actors")
     heads, kv = config.head_counts
+    for name, width in config.tp_split_widths.items():
+        if width % (tp * config.head_width):
+            raise JobConfigError(f"execution.tensor_parallel: {tp} x the model's head_dim {config.head_width} does not "
+                                 f"divide its {name} {width} (config.json): AutoTP would cut that layer's projections "
+                                 "into unequal shares; set tensor_parallel to a size that divides it")
     if heads % tp or kv % tp:
         fits = [n for n in range(2, kv + 1) if heads % n == 0 and kv % n == 0]
         fix = f"one of {fits}" if fits else "1 (no larger size divides both)"
@@ -91,6 +96,7 @@ class RestartCounter:
 
     def __init__(self) -> None:
         self.restarts = 0
+        self.restarted = 0  # rank 0 processes Ray restarted, whether or not the one before said why
         self.first_reason: str | None = None
 
     def record(self, reason: str) -> None:
@@ -99,9 +105,17 @@ class RestartCounter:
         if self.first_reason is None:
             self.first_reason = reason
 
+    def record_restarted(self) -> None:
+        """Rank 0 came back after its process ended: counted even where the process could not say why
+        (killed itself, or aborted by NCCL's watchdog on a peer that died: NCCL reports no error)."""
+        self.restarted += 1
+
     def report(self) -> dict:
         """{'restarts', 'first_reason'}: the summary's and the manifest's replica_restarts."""
-        return {"restarts": self.restarts, "first_reason": self.first_reason}
+        restarts = max(self.restarts, self.restarted)
+        reason = self.first_reason or (restarts and "rank 0's process ended without a reason (killed, or NCCL's "
+                                       "watchdog on a lost peer)") or None
+        return {"restarts": restarts, "first_reason": reason}
 
 
 def rank_bundle(cpus: float, gpus: float) -> dict[str, float]:
@@ -162,27 +176,11 @@ class ReplicaGroups:
 
 def join_group(rank: int, rep: ReplicaSpec, address: str, port: int, device: str, store: Any = None) -> None:
     """Join the replica's torch.distributed group through rank 0's store (rank 0 passes its own store)."""
-    import torch.distributed as dist
+    from pipeline.parallel import init_rank
 
-    world, timeout = rep.size, timedelta(seconds=rep.timeout_s)
-    if store is None:
-        store = dist.TCPStore(address, port, world, is_master=False, timeout=timeout)
-    # DeepSpeed reads these where it looks for a launcher; LOCAL_RANK 0: Ray shows each rank its one GPU
-    os.environ.update(MASTER_ADDR=address, MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK="0")
-    dist.init_process_group("nccl" if device == "cuda" else "gloo", store=store, rank=rank, world_size=world,
-                            timeout=timeout)
-    # DeepSpeed shards over a group of its own, made with torch's default timeout (30 min for gloo);
-    # handing it one made here bounds how long a rank waits for a peer that hangs. It then skips its own
-    # communication set-up, which is done here (over the group above, its CPU shared-memory path off).
-    import deepspeed.comm
-    from deepspeed.inference.engine import InferenceEngine
-
-    from pipeline.parallel import disable_shm_allreduce
-
-    disable_shm_allreduce()
-    deepspeed.comm.init_distributed(verbose=False)
-    InferenceEngine.inference_mp_group = dist.new_group(list(range(world)), timeout=timeout)
+    # LOCAL_RANK 0: Ray shows each rank its one GPU
+    init_rank(rank, rep.size, address, port, "nccl" if device == "cuda" else "gloo", rep.timeout_s, store,
+              local_rank=0)
 
 
 class RankActor:
@@ -226,6 +224,7 @@ class Replica:
     def __init__(self, spec: ActorSpec, model: Any, config: Any, dtype: Any,
                  on_loss: Callable[[str], None] = exit_process) -> None:
         self.spec, self.model, self.config, self.on_loss = spec, model, config, on_loss
+        self._count_restart()
         try:
             # params: the parameters each rank holds after sharding, rank 0 first (about 1/N of the model's each)
             self.ranks, self.params = self._start(dtype)
@@ -261,10 +260,18 @@ class Replica:
             join_group(0, rep, address, store.port, spec.device, store)
             wrap_with_deepspeed(self.model, dtype, tp)
         except Exception:
-            self._wait(joined, rep.timeout_s, "join")  # a rank lost on the way is the reason (ReplicaLost)
+            # a rank lost on the way is the reason (ReplicaLost: the replica restarts); otherwise rank 0's
+            # own error (a model AutoTP cannot shard, NCCL that cannot start) fails the actor for good,
+            # rather than restarting into the same error max_restarts times
+            self._wait(joined, rep.timeout_s, "join")
             raise
+        answers = self._wait(joined, rep.timeout_s, "join")
+        for rank, answer in enumerate(answers, start=1):
+            if isinstance(answer, BaseException):
+                raise RuntimeError(f"rank {rank} of the replica failed to join and shard the model: "
+                                   f"{_first_line(answer)}")
         mine = sum(p.numel() for p in self.model.module.parameters())
-        return ranks, [mine, *self._wait(joined, rep.timeout_s, "join")]
+        return ranks, [mine, *answers]
 
     def _wait(self, refs: list[Any], timeout_s: float, what: str) -> list[Any]:
         """The ranks' answers; ReplicaLost for a rank that died or did not answer within timeout_s.
@@ -282,9 +289,9 @@ class Replica:
             except RayActorError as e:
                 raise ReplicaLost(f"rank {rank} died during {what}: {_first_line(e)}") from None
             except RayTaskError as e:
-                if what != "decode":
+                if what == "start":
                     raise ReplicaLost(f"rank {rank} failed to {what}: {_first_line(e)}") from None
-                answers.append(e)
+                answers.append(e)  # the rank's own error: the caller decides what it means
         return answers
 
     def decode(self, prompts: list[list[int]], seeds: list[int]) -> Any:
@@ -309,6 +316,18 @@ class Replica:
             mine = e
         return settle(mine, self._wait(refs, self.spec.replica.timeout_s, "decode"))
 
+    def _count_restart(self) -> None:
+        """Where Ray restarted this actor, tell the run's counter (never fails the replica)."""
+        if not self.spec.replica.counter:
+            return
+        try:
+            import ray
+
+            if ray.get_runtime_context().was_current_actor_reconstructed:
+                ray.get(ray.get_actor(self.spec.replica.counter).record_restarted.remote(), timeout=10)
+        except Exception:
+            pass  # the count is a report
+
     def _lost(self, e: ReplicaLost) -> None:
         """Record the loss in the run's counter, then hand over to on_loss (which exits the process)."""
         reason = str(e).splitlines()[0][:500]
@@ -326,11 +345,18 @@ def settle(mine: Any, theirs: list[Any]) -> Any:
     """Rank 0's decode result once the other ranks' answers ((tokens, num_generated) lists, or the exception
     a rank raised) agree with it; `mine` is rank 0's DecodeResult or exception.
 
-    Every rank raising is the rows' doing: rank 0's exception is raised (the caller isolates the bad row,
-    still in lockstep). Some raising and some not: the ranks are out of step (ReplicaLost). Tokens that
-    differ: RuntimeError (the sharded forward is not deterministic across ranks)."""
+    Every rank raising the same error, not a collective's, is the rows' doing: rank 0's exception is
+    raised (the caller isolates the bad row, still in lockstep). Ranks raising different errors, or a
+    collective's (one rank failed mid-forward and its peers' all-reduce then failed: the group is broken),
+    or some raising and some not: the replica is lost (ReplicaLost). Tokens that differ: RuntimeError
+    (the sharded forward is not deterministic across ranks)."""
     failed = [isinstance(a, BaseException) for a in [mine, *theirs]]
     if all(failed):
+        errors = [_first_line(e) for e in [mine, *theirs]]
+        broken = [i for i, e in enumerate([mine, *theirs]) if _collective_error(e)]
+        if broken or len(set(errors)) > 1:
+            rank = broken[0] if broken else next(i for i, e in enumerate(errors) if e != errors[0])
+            raise ReplicaLost(f"ranks failed apart: rank {rank} raised {errors[rank]}")
         raise mine
     if any(failed):
         rank = failed.index(True)
@@ -342,6 +368,16 @@ def settle(mine: Any, theirs: list[Any]) -> Any:
             raise RuntimeError(f"tensor parallel ranks disagree: rank {rank}'s tokens differ from rank 0's "
                                "(the sharded forward is not deterministic across ranks)")
     return mine
+
+
+def _collective_error(e: BaseException) -> bool:
+    """A process group's error (gloo, NCCL: a peer gone, a timeout), a rank's own rather than Ray's wrapper."""
+    import torch.distributed as dist
+
+    cause = getattr(e, "cause", None)
+    e = cause if isinstance(cause, BaseException) else e
+    text = str(e)
+    return isinstance(e, dist.DistError) or any(k in text for k in ("gloo", "NCCL", "Connection closed", "ProcessGroup"))
 
 
 def _first_line(e: BaseException) -> str:

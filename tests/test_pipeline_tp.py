@@ -196,6 +196,11 @@ def test_settle_leaves_an_error_every_rank_raised_to_the_rows_and_ends_a_replica
         settle(RuntimeError("Connection closed by peer"), [([[5]], [1])])
     with pytest.raises(ReplicaLost, match="rank 1 raised"):
         settle(result([[5]]), [RuntimeError("gloo timeout")])
+    # every rank raised, but apart: rank 1 failed mid-forward and rank 0's all-reduce then lost its peer
+    with pytest.raises(ReplicaLost, match=r"ranks failed apart: rank 0 raised RuntimeError: \[gloo"):
+        settle(RuntimeError("[gloo/transport/tcp/pair.cc:534] Connection closed by peer"), [MemoryError("out")])
+    with pytest.raises(ReplicaLost, match=r"ranks failed apart: rank 1 raised ValueError: other"):
+        settle(ValueError("bad row"), [ValueError("other")])
 
 
 def test_a_lost_rank_reaches_the_loss_handler_and_never_becomes_row_errors(monkeypatch):
@@ -230,6 +235,12 @@ def test_restart_counter_counts_and_keeps_the_first_reason():
     c.record("rank 1 died")
     c.record("rank 1 did not decode within 300s")
     assert c.report() == {"restarts": 2, "first_reason": "rank 1 died"}
+    c.record_restarted(), c.record_restarted()  # the two restarts those losses caused: not counted twice
+    assert c.report() == {"restarts": 2, "first_reason": "rank 1 died"}
+    silent = RestartCounter()  # rank 0 ended without a word (NCCL's watchdog, a kill), then came back
+    silent.record_restarted()
+    assert silent.report()["restarts"] == 1 and "without a reason" in silent.report()["first_reason"]
+    assert RestartCounter().report() == {"restarts": 0, "first_reason": None}
 
 
 # ----------------------------------------------------------------------------- refused up front, no Ray
@@ -269,9 +280,20 @@ def test_tp_with_a_masked_lm_is_refused(tmp_path):
         check_tensor_parallel(stage(tmp_path, 2))
 
 
-def test_a_fraction_of_a_gpu_per_rank_is_refused():
-    with pytest.raises(JobConfigError, match=r"execution.gpus_per_actor: 0.5 with execution.tensor_parallel 2"):
-        check_tensor_parallel(stage("tiny-llada", 2, **{"execution.gpus_per_actor": 0.5}))
+@pytest.mark.parametrize("gpus", [0.5, 2])
+def test_anything_but_one_gpu_per_rank_is_refused(gpus):
+    with pytest.raises(JobConfigError, match=rf"execution.gpus_per_actor: {gpus:g} with execution.tensor_parallel 2"):
+        check_tensor_parallel(stage("tiny-llada", 2, **{"execution.gpus_per_actor": gpus}))
+
+
+def test_a_llada_mlp_width_the_ranks_cannot_split_alike_is_refused(tmp_path):
+    # AutoTP cuts LLaDA's ff_proj by heads and up_proj in head_dim grains: unequal shares unless
+    # tensor_parallel x head_dim divides the width (352 = 11 heads' widths of 32: 2 ranks cannot share it)
+    raw = json.loads((CKPT / "tiny-llada" / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**raw, "mlp_hidden_size": 352}))
+    with pytest.raises(JobConfigError, match=r"tensor_parallel: 2 x the model's head_dim 32 does not divide its "
+                                             r"mlp_hidden_size 352"):
+        check_tensor_parallel(stage(tmp_path, 2))
 
 
 def node(cpus: float, gpus: float = 0.0) -> dict:

@@ -126,6 +126,13 @@ class TransformersSizes:
         """(attention heads, KV heads): what a tensor-parallel size must divide."""
         return int(self.num_attention_heads), int(self.num_key_value_heads)  # type: ignore[attr-defined]
 
+    @property
+    def head_width(self) -> int:
+        """Dims per attention head: the grain tensor parallelism splits widths in."""
+        return int(getattr(self, "head_dim", None) or self.hidden_size // self.num_attention_heads)  # type: ignore
+
+    tp_split_widths: ClassVar[dict[str, int]] = {}  # widths a tensor-parallel size x head_width must divide
+
 
 def check_heads(width: int, n_heads: int, n_kv_heads: int) -> None:
     """Refuse head counts that do not divide the width (or the query heads, for KV heads)."""

@@ -81,6 +81,18 @@ class LLaDAConfig(FamilyConfig):
         """(attention heads, KV heads): what a tensor-parallel size must divide."""
         return self.n_heads, int(self.n_kv_heads)  # type: ignore[arg-type]
 
+    @property
+    def head_width(self) -> int:
+        """Dims per attention head: the grain tensor parallelism splits widths in."""
+        return self.d_model // self.n_heads
+
+    @property
+    def tp_split_widths(self) -> dict[str, int]:  # type: ignore[override]
+        """The MLP width: AutoTP cuts `ff_proj` by heads but `up_proj` (a name it knows) in head_width
+        grains, which agree only where tensor_parallel x head_width divides it (LLaDA-8B's 12288 does
+        for 2, 4 and 8)."""
+        return {"mlp_hidden_size": int(self.mlp_hidden_size)}  # type: ignore[arg-type]
+
 
 class LLaDABlock(nn.Module):
     """Pre-norm bidirectional attention + SwiGLU, OLMo's 'llama' block with LLaDA's names."""
