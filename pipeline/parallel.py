@@ -57,8 +57,26 @@ def shard_with_deepspeed(module: Any, dtype: Any, tp_size: int) -> Any:
     # grains of 64 (a rank may get none of a narrow MLP, or part of a head where head_dim < 64).
     tp = {"tp_size": tp_size, **({"tp_grain_size": module.head_dim} if tp_size > 1 else {})}
     # dtype is always explicit: DeepSpeed's default is fp16, which many CPUs refuse.
-    return deepspeed.init_inference(module, dtype=dtype, tensor_parallel=tp, replace_with_kernel_inject=False,
-                                    **kwargs)
+    engine = deepspeed.init_inference(module, dtype=dtype, tensor_parallel=tp, replace_with_kernel_inject=False,
+                                      **kwargs)
+    if tp_size > 1:
+        check_row_parallel(engine.module, kwargs["injection_policy"])
+    return engine
+
+
+def check_row_parallel(module: Any, policy: dict) -> None:
+    """Refuse a sharded module whose policy's row-parallel linears AutoTP did not replace: the '.name'
+    convention is how DeepSpeed 0.19 joins names, and a version that joins them otherwise would split
+    those projections as column-parallel and compute garbage without a word."""
+    import deepspeed
+
+    for owner in module.modules():
+        for path in policy.get(type(owner), ()):
+            target = owner.get_submodule(path.lstrip("."))
+            if "Allreduce" not in type(target).__name__:
+                raise RuntimeError(f"DeepSpeed {deepspeed.__version__} did not make {type(owner).__name__}{path} "
+                                   "row-parallel (its AutoTP policy names changed?): tensor parallelism is checked "
+                                   "with deepspeed 0.19.8")
 
 
 def free_port(host: str = "127.0.0.1") -> int:

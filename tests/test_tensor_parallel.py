@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from pipeline.parallel import run_local_ranks, shard_with_deepspeed
+from pipeline.parallel import check_row_parallel, run_local_ranks, shard_with_deepspeed
 from tests import tp_support
 
 MODELS = tp_support.CHECKPOINTS + tp_support.RANDOM
@@ -63,3 +63,10 @@ def test_sharding_without_a_process_group_is_refused():
     model = tp_support.load("tiny-llada")
     with pytest.raises(RuntimeError, match="process group of 2 ranks"):
         shard_with_deepspeed(model.module, model.dtype, 2)
+
+
+def test_a_policy_deepspeed_did_not_apply_is_refused():
+    # what a DeepSpeed that joins AutoTP's names otherwise would leave: the row-parallel linears unreplaced
+    raw = tp_support.load("tiny-llada").module
+    with pytest.raises(RuntimeError, match=r"did not make LLaDABlock\.attn_out row-parallel"):
+        check_row_parallel(raw, raw.tensor_parallel_policy())
