@@ -230,6 +230,9 @@ class Replica:
             self.ranks, self.params = self._start(dtype)
         except ReplicaLost as e:
             self._lost(e)
+            return
+        print(f"prophet-dlm: replica of {len(self.params)} ranks ready; parameters per rank: "
+              + ", ".join(f"{p / 1e6:.1f}M" for p in self.params), file=sys.stderr, flush=True)
 
     def _start(self, dtype: Any) -> tuple[list[Any], list[int]]:
         """Start the other ranks, wait until they hold the model, then join the group all at once and shard."""
