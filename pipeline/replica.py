@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Callable
@@ -326,7 +327,10 @@ class Replica:
         try:
             import ray
 
-            if ray.get_runtime_context().was_current_actor_reconstructed:
+            with warnings.catch_warnings():  # Ray 2.60's property reads its own deprecated actor_id
+                warnings.simplefilter("ignore", DeprecationWarning)
+                restarted = ray.get_runtime_context().was_current_actor_reconstructed
+            if restarted:
                 ray.get(ray.get_actor(self.spec.replica.counter).record_restarted.remote(), timeout=10)
         except Exception:
             pass  # the count is a report
