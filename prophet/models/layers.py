@@ -430,7 +430,7 @@ class DecoderLM(KVCaches, nn.Module):
 
     @property
     def head_dim(self) -> int:
-        return getattr(self.config, "head_dim", None) or self.config.hidden_size // self.config.num_attention_heads
+        return self.config.head_width
 
     @property
     def rotary_dim(self) -> int:
@@ -439,7 +439,7 @@ class DecoderLM(KVCaches, nn.Module):
 
     @property
     def kv_heads(self) -> int:
-        return self.config.num_key_value_heads
+        return self.config.head_counts[1]
 
     def cache_holders(self) -> list[nn.Module]:
         """The attention modules that hold the keys/values."""

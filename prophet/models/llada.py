@@ -99,8 +99,8 @@ class LLaDABlock(nn.Module):
 
     def __init__(self, c: LLaDAConfig) -> None:
         super().__init__()
-        self.head_dim = head_dim = c.d_model // c.n_heads
-        n_kv_heads = int(c.n_kv_heads)  # type: ignore[arg-type]
+        self.head_dim = head_dim = c.head_width
+        n_kv_heads = c.head_counts[1]
         self.attn_norm = RMSNorm(c.d_model, c.rms_norm_eps)
         self.ff_norm = RMSNorm(c.d_model, c.rms_norm_eps)
         self.q_proj = nn.Linear(c.d_model, c.n_heads * head_dim, bias=False)
@@ -152,13 +152,13 @@ class LLaDAModel(KVCaches, nn.Module):
 
     @property
     def head_dim(self) -> int:
-        return self.config.d_model // self.config.n_heads
+        return self.config.head_width
 
     block_length: int | None = None  # bidirectional attention
 
     @property
     def kv_heads(self) -> int:
-        return int(self.config.n_kv_heads)  # type: ignore[arg-type]
+        return self.config.head_counts[1]
 
     def cache_holders(self) -> list[nn.Module]:
         """The attention modules that hold the keys/values."""
