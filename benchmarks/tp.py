@@ -146,10 +146,8 @@ def rank_check(rank: int, world: int, cfg: Any, spec: dict, dtype: torch.dtype, 
     from prophet import DecodeConfig
     from prophet.models import NativeAdapter, char_tokenizer
 
-    device = torch.device("cpu")
-    if dist.get_backend() == "nccl":
-        device = torch.device("cuda", rank)
-        torch.cuda.set_device(device)  # before the first collective: NCCL binds each rank to its GPU then
+    # run_local_ranks made cuda:rank current before the NCCL group formed
+    device = torch.device("cuda", rank) if dist.get_backend() == "nccl" else torch.device("cpu")
     t0 = time.perf_counter()
     torch.manual_seed(0)
     net = random_llada(cfg, device, dtype)

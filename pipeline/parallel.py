@@ -127,6 +127,8 @@ def _local_rank(rank: int, world: int, port: int, threads: int, backend: str, fn
 
     torch.set_num_threads(threads)
     try:
+        if backend == "nccl":  # NCCL binds a rank to the device current when its group forms
+            torch.cuda.set_device(rank)
         init_rank(rank, world, "127.0.0.1", port, backend)
         results.put((rank, True, fn(rank, world, *args)))
     except BaseException:

@@ -59,24 +59,12 @@ def decode_all(model, cases: dict[str, dict]) -> dict[str, list]:
 
 
 def count_all_reduces(model) -> int:
-    """All-reduces in one forward of the (sharded) model."""
-    import torch.distributed as dist
+    """All-reduces in one forward of the (sharded) model (the benchmark's clock counts them)."""
+    from benchmarks.tp import CollectiveClock
 
-    calls = 0
-    original = dist.all_reduce
-
-    def counting(*args, **kwargs):
-        nonlocal calls
-        calls += 1
-        return original(*args, **kwargs)
-
-    dist.all_reduce = counting
-    try:
-        ids = torch.tensor([model.encode("12+30=")])
-        model.logits(ids, None)
-    finally:
-        dist.all_reduce = original
-    return calls
+    with CollectiveClock().installed() as clock:
+        model.logits(torch.tensor([model.encode("12+30=")]), None)
+    return clock.calls
 
 
 def compare(rank: int, world: int, names: tuple[str, ...]) -> dict:
